@@ -1,0 +1,168 @@
+"""Command line: `session-watcher reconcile|run`. Parses, builds the Config, maps errors to
+exit codes. Exit codes: 0 ok, 1 a file failed (or the service failed), 2 usage/configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import PARSERS, Config, ConfigError, resolve
+from .safefs import escape
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("session_watcher")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--home-root", metavar="DIR", help="where homes live (default /home)")
+    add(
+        "--sessions-subdir",
+        metavar="REL",
+        help="sessions directory inside each home (default user/sessions)",
+    )
+    add("--target", metavar="DIR", help="the store (default /data/user_sessions)")
+    add("--min-uid", metavar="N", help="lowest qualifying home owner uid (default 1000)")
+    add("--max-uid", metavar="N", help="highest qualifying home owner uid (default 60000)")
+    add(
+        "--exclude-user",
+        dest="exclude_users",
+        metavar="NAME",
+        action="append",
+        help="home directory name to leave out; repeatable",
+    )
+    add("--group", metavar="NAME", help="group of everything created in the store (data-ops)")
+    add("--file-mode", metavar="OCT", help="mode of store files (default 0640)")
+    add("--dir-mode", metavar="OCT", help="mode of store directories (default 2770)")
+    add("--max-file-bytes", metavar="N", help="larger sources are refused (default 1 GiB)")
+    add(
+        "--settle",
+        metavar="SECONDS",
+        help="a source quiet this long is copied whole, unfinished last line included (5)",
+    )
+    add("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="session-watcher",
+        description="Copy users' session transcripts into a central store, atomically.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+
+    rec = sub.add_parser("reconcile", help="run one full pass and exit")
+    _common(rec)
+    rec.add_argument(
+        "--dry-run", action="store_true", help="decide and log what would be copied; write nothing"
+    )
+    rec.add_argument(
+        "--json", action="store_true", help="print the pass's counts as one JSON object on stdout"
+    )
+    rec.set_defaults(func=_cmd_reconcile)
+
+    run = sub.add_parser("run", help="watch and copy continuously (the systemd service)")
+    _common(run)
+    run.add_argument(
+        "--reconcile-interval",
+        metavar="SECONDS",
+        help="seconds between full passes; 0 = only at start (default 600)",
+    )
+    run.add_argument("--workers", metavar="N", help="copy worker threads (default 4)")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    """Flags (as text) → typed values, then `resolve` adds environment and defaults."""
+    flags: dict[str, Any] = {}
+    for name, parse in PARSERS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name == "exclude_users":
+            flags[name] = frozenset(u for v in value for u in parse(v))
+        else:
+            try:
+                flags[name] = parse(value)
+            except ConfigError as e:
+                raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+    if getattr(args, "verbose", False) and "log_level" not in flags:
+        flags["log_level"] = "DEBUG"
+    return resolve(flags, os.environ if environ is None else environ)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr (journald collects it); journald adds its own timestamps."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if "JOURNAL_STREAM" not in os.environ:
+        fmt = "%(asctime)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _check_home_root(config: Config) -> None:
+    if not config.home_root.is_dir():
+        raise ConfigError(f"home root {escape(str(config.home_root))} is not a directory")
+
+
+def _cmd_reconcile(args: argparse.Namespace, config: Config) -> int:
+    from .reconcile import reconcile
+
+    _check_home_root(config)
+    stats = reconcile(config, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(stats.as_dict()), flush=True)
+    return EXIT_FAILED if stats.files_failed else EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from .service import run_service
+
+    _check_home_root(config)
+    return run_service(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"session-watcher: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_level)
+    try:
+        return int(args.func(args, config))
+    except ConfigError as e:
+        print(f"session-watcher: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        log.error("%s", e)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,151 @@
+"""The one frozen configuration, and how it is resolved: flag, else environment, else default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "parse_mode", "resolve"]
+
+ENV_PREFIX = "SESSION_WATCHER_"
+
+
+class ConfigError(ValueError):
+    """A setting is unusable; the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the copy engine, the pass and the service need, built once and passed down."""
+
+    home_root: Path = Path("/home")
+    sessions_subdir: str = "user/sessions"
+    target: Path = Path("/data/user_sessions")
+    min_uid: int = 1000
+    max_uid: int = 60000
+    exclude_users: frozenset[str] = frozenset()
+    group: str = "data-ops"
+    file_mode: int = 0o640
+    dir_mode: int = 0o2770
+    max_file_bytes: int = 1 << 30
+    settle: float = 5.0
+    log_level: str = "INFO"
+    # `run` only.
+    reconcile_interval: float = 600.0
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @property
+    def sessions_parts(self) -> tuple[str, ...]:
+        return tuple(p for p in self.sessions_subdir.split("/") if p)
+
+
+def _check(c: Config) -> None:
+    if not c.home_root.is_absolute():
+        raise ConfigError(f"home root must be an absolute path: {str(c.home_root)!r}")
+    if not c.target.is_absolute():
+        raise ConfigError(f"target must be an absolute path: {str(c.target)!r}")
+    parts = c.sessions_subdir.split("/")
+    if (
+        c.sessions_subdir.startswith("/")
+        or not c.sessions_parts
+        or any(p in (".", "..") for p in parts)
+    ):
+        raise ConfigError(
+            f"sessions subdir must be a relative path without '.' or '..': {c.sessions_subdir!r}"
+        )
+    if not 0 <= c.min_uid <= c.max_uid:
+        raise ConfigError(f"need 0 <= min uid <= max uid, got {c.min_uid} and {c.max_uid}")
+    for what, mode in (("file mode", c.file_mode), ("dir mode", c.dir_mode)):
+        if not 0 <= mode <= 0o7777:
+            raise ConfigError(f"{what} out of range: {mode:o}")
+    if c.file_mode & 0o7000:
+        raise ConfigError(f"file mode must not set setuid/setgid/sticky bits: {c.file_mode:04o}")
+    if c.max_file_bytes <= 0:
+        raise ConfigError(f"max file bytes must be positive, got {c.max_file_bytes}")
+    if c.settle < 0:
+        raise ConfigError(f"settle must be >= 0 seconds, got {c.settle}")
+    if c.reconcile_interval < 0:
+        raise ConfigError(f"reconcile interval must be >= 0 seconds, got {c.reconcile_interval}")
+    if not 1 <= c.workers <= 64:
+        raise ConfigError(f"workers must be 1..64, got {c.workers}")
+    if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"unknown log level {c.log_level!r}")
+
+
+def parse_mode(text: str) -> int:
+    """Octal mode as an operator writes it: 640, 0640 or 0o640."""
+    try:
+        return int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise ConfigError(f"not an octal mode: {text!r}") from None
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text, 0) if text.strip().lower().startswith("0x") else int(text)
+    except ValueError:
+        raise ConfigError(f"not a whole number: {text!r}") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"not a finite number: {text!r}")
+    return value
+
+
+def _parse_users(text: str) -> frozenset[str]:
+    return frozenset(u.strip() for u in text.split(",") if u.strip())
+
+
+# Field name -> parser of its text form, shared by flags and environment variables.
+PARSERS: dict[str, Any] = {
+    "home_root": Path,
+    "sessions_subdir": str,
+    "target": Path,
+    "min_uid": _parse_int,
+    "max_uid": _parse_int,
+    "exclude_users": _parse_users,
+    "group": str,
+    "file_mode": parse_mode,
+    "dir_mode": parse_mode,
+    "max_file_bytes": _parse_int,
+    "settle": _parse_float,
+    "log_level": lambda s: s.strip().upper(),
+    "reconcile_interval": _parse_float,
+    "workers": _parse_int,
+}
+
+
+def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config: an explicit flag wins, else `SESSION_WATCHER_<NAME>`, else the default.
+
+    `flags` maps field names to already-parsed values (None or absent = not given); flags
+    the caller does not know about are ignored, so `reconcile` and `run` share this.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in PARSERS:
+            continue
+        given = flags.get(f.name)
+        if given is not None and given != ():
+            values[f.name] = frozenset(given) if f.name == "exclude_users" else given
+            continue
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None and raw.strip() != "":
+            try:
+                values[f.name] = PARSERS[f.name](raw.strip())
+            except ConfigError as e:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {e}") from None
+    return Config(**values)

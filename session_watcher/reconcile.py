@@ -1,0 +1,161 @@
+"""The full reconciliation pass: every qualifying file of every qualifying home, once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .copy import Outcome, Result, SourceDir, sync_file
+from .homes import is_session_name, list_homes, walk_user
+from .safefs import Refused, close_quietly, escape, open_root_dir
+from .store import Store, UserStore, lookup_gid
+
+__all__ = ["PassStats", "reconcile", "store_for"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassStats:
+    """Counts of one pass; `as_dict()` gives the keys of `--json` and of the library API."""
+
+    users_processed: int = 0
+    files_copied: int = 0
+    files_skipped: int = 0
+    files_refused: int = 0
+    files_failed: int = 0
+    bytes_copied: int = 0
+    duration_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, result: Result) -> None:
+        with self._lock:
+            if result.outcome is Outcome.COPIED:
+                self.files_copied += 1
+                self.bytes_copied += result.nbytes
+            elif result.outcome in (Outcome.SKIPPED, Outcome.VANISHED):
+                self.files_skipped += 1
+            elif result.outcome is Outcome.REFUSED:
+                self.files_refused += 1
+            else:
+                self.files_failed += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "users_processed": self.users_processed,
+            "files_copied": self.files_copied,
+            "files_skipped": self.files_skipped,
+            "files_refused": self.files_refused,
+            "files_failed": self.files_failed,
+            "bytes_copied": self.bytes_copied,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+def store_for(config: Config, *, dry_run: bool = False) -> Store:
+    """A Store with the group looked up; warns once when the group does not exist."""
+    gid = lookup_gid(config.group)
+    if gid is None:
+        log.warning("group %s not found, using default group", escape(config.group))
+    return Store(config, gid, dry_run=dry_run)
+
+
+def reconcile(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    now: Callable[[], float] = time.time,
+    on_result: Callable[[SourceDir, str, Result], None] | None = None,
+) -> PassStats:
+    """Run one full pass and return its counts. Never raises for a bad file or user.
+
+    Raises OSError only when the home root or the store root cannot be opened at all.
+    `on_result` lets the service see each file's result (to schedule a held-back tail).
+    """
+    started = time.monotonic()
+    stats = PassStats()
+    store = store_for(config, dry_run=dry_run)
+    home_fd = open_root_dir(config.home_root)
+    try:
+        try:
+            store_fd = store.open_root(create=True)
+        except Refused as e:
+            raise OSError(f"store {escape(str(config.target))}: {e.reason}") from None
+        try:
+            for home in list_homes(home_fd, config):
+                source = walk_user(home_fd, home, config)
+                if source is None:
+                    continue
+                try:
+                    if _pass_user(
+                        config, store, store_fd, source, dry_run, now(), stats, on_result
+                    ):
+                        stats.users_processed += 1
+                finally:
+                    os.close(source.fd)
+        finally:
+            close_quietly(store_fd)
+    finally:
+        os.close(home_fd)
+    stats.duration_s = time.monotonic() - started
+    log.info(
+        "pass %s: %d users, %d copied, %d skipped, %d refused, %d failed, %d bytes in %.2f s",
+        "(dry run) done" if dry_run else "done",
+        stats.users_processed,
+        stats.files_copied,
+        stats.files_skipped,
+        stats.files_refused,
+        stats.files_failed,
+        stats.bytes_copied,
+        stats.duration_s,
+    )
+    return stats
+
+
+def _pass_user(
+    config: Config,
+    store: Store,
+    store_fd: int | None,
+    source: SourceDir,
+    dry_run: bool,
+    now: float,
+    stats: PassStats,
+    on_result: Callable[[SourceDir, str, Result], None] | None,
+) -> bool:
+    """One user's files; True when the user had at least one qualifying file."""
+    user_store = UserStore(store, store_fd, source.user)
+    seen = False
+    try:
+        try:
+            dir_fd = user_store.fd(create=False)
+            if dir_fd is not None:
+                store.remove_stale_temps(dir_fd, source.user)
+        except OSError as e:
+            log.error("store directory of %s: %s", escape(source.user), e)
+        with os.scandir(source.fd) as it:
+            for entry in it:
+                if not is_session_name(entry.name):
+                    continue
+                seen = True
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    stats.record(Result(Outcome.VANISHED))
+                    continue
+                result = sync_file(
+                    config, source, user_store, entry.name, now=now, dry_run=dry_run, lstat=st
+                )
+                stats.record(result)
+                if on_result is not None:
+                    on_result(source, entry.name, result)
+    except OSError as e:
+        log.error("could not list sessions of %s: %s", escape(source.user), e)
+    finally:
+        user_store.close()
+    return seen

@@ -1,0 +1,187 @@
+"""The target side: the store root and its per-user directories, walked without following links."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import stat
+import threading
+import time
+
+from .config import Config
+from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
+
+__all__ = [
+    "TEMP_PREFIX",
+    "TEMP_SUFFIX",
+    "Store",
+    "UserStore",
+    "is_stale_temp",
+    "is_temp_name",
+    "lookup_gid",
+]
+
+log = logging.getLogger(__name__)
+
+# Temp files start with a dot and end in .tmp: no `*.jsonl` glob (shell or Python) matches
+# them, and the downstream pipeline never sees a partial file.
+TEMP_PREFIX = ".session-watcher."
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 3600.0
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def is_stale_temp(name: str, st: os.stat_result, now: float) -> bool:
+    """A temp file of ours that a crash left behind. ctime, not mtime: the copy sets the
+    temp file's mtime to the source's (possibly days old) just before the rename."""
+    return (
+        is_temp_name(name) and stat.S_ISREG(st.st_mode) and now - st.st_ctime > STALE_TEMP_SECONDS
+    )
+
+
+def lookup_gid(group: str) -> int | None:
+    """The store's group id, or None when the group does not exist (the caller warns)."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+class Store:
+    """The store root for one pass (or the service's lifetime).
+
+    `gid` None means "leave the group as created" (group missing). In dry-run mode nothing
+    is created, so directories that do not exist yet simply read as empty.
+    """
+
+    def __init__(self, config: Config, gid: int | None, *, dry_run: bool = False) -> None:
+        self.config = config
+        self.gid = gid
+        self.dry_run = dry_run
+        self._mkdir_lock = threading.Lock()
+
+    def _adopt(self, fd: int, st: os.stat_result, what: str) -> None:
+        """Give a store directory our mode and group (after chown: chown may clear setgid)."""
+        want_gid = st.st_gid if self.gid is None else self.gid
+        if st.st_gid != want_gid:
+            os.fchown(fd, -1, want_gid)
+        if stat.S_IMODE(st.st_mode) != self.config.dir_mode or st.st_gid != want_gid:
+            os.fchmod(fd, self.config.dir_mode)
+            if stat.S_IMODE(st.st_mode) != 0o700:  # 0700 is how we create them: no news
+                log.info(
+                    "store directory %s: set mode %04o, gid %d",
+                    what,
+                    self.config.dir_mode,
+                    want_gid,
+                )
+
+    def open_root(self, *, create: bool) -> int | None:
+        """Descriptor of the store root, created (with its parents) when missing and allowed."""
+        target = self.config.target
+        try:
+            fd = open_root_dir(target)
+        except FileNotFoundError:
+            if self.dry_run or not create:
+                return None
+            os.makedirs(target.parent, mode=0o755, exist_ok=True)
+            try:
+                os.mkdir(target, 0o700)
+            except FileExistsError:
+                pass
+            fd = open_root_dir(target)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise Refused("store root is a symlink") from None
+            raise
+        if not self.dry_run:
+            try:
+                self._adopt(fd, os.fstat(fd), escape(str(target)))
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
+
+    def open_user_dir(self, root_fd: int, user: str, *, create: bool) -> int | None:
+        """Descriptor of `<store>/<user>`; None when it does not exist and may not be made.
+
+        A symlink planted in its place raises Refused: it is never followed or replaced."""
+        try:
+            fd, st = open_dir_at(root_fd, user)
+        except FileNotFoundError:
+            if self.dry_run or not create:
+                return None
+            with self._mkdir_lock:
+                try:
+                    os.mkdir(user, 0o700, dir_fd=root_fd)
+                    log.info("created store directory %s", escape(user))
+                except FileExistsError:
+                    pass
+                fd, st = open_dir_at(root_fd, user)
+        if not self.dry_run:
+            try:
+                self._adopt(fd, st, escape(user))
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
+
+    def remove_stale_temps(self, dir_fd: int, user: str, now: float | None = None) -> int:
+        """Delete temp files a crash left in one store directory; returns how many."""
+        if self.dry_run:
+            return 0
+        now = time.time() if now is None else now
+        removed = 0
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                if not is_temp_name(entry.name):
+                    continue
+                try:
+                    if is_stale_temp(entry.name, entry.stat(follow_symlinks=False), now):
+                        os.unlink(entry.name, dir_fd=dir_fd)
+                        removed += 1
+                        log.info("removed stale temp file %s/%s", escape(user), escape(entry.name))
+                except FileNotFoundError:
+                    continue
+        return removed
+
+
+class UserStore:
+    """One user's store directory, opened lazily: a no-op pass over a user whose store
+    directory already exists opens it once; a dry run never creates it."""
+
+    def __init__(self, store: Store, root_fd: int | None, user: str) -> None:
+        self.store = store
+        self.root_fd = root_fd
+        self.user = user
+        self._fd: int | None = None
+        self._looked = False
+
+    def fd(self, *, create: bool) -> int | None:
+        if self._fd is None and (create or not self._looked):
+            self._looked = True
+            if self.root_fd is None:  # only in a dry run: the store root does not exist yet
+                return None
+            try:
+                self._fd = self.store.open_user_dir(self.root_fd, self.user, create=create)
+            except Refused as e:  # a planted symlink: a failure to deliver, never followed
+                raise OSError(errno.ELOOP, f"store directory is {e.reason}") from None
+        return self._fd
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        fd = self.fd(create=False)
+        if fd is None:
+            return None
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        close_quietly(self._fd)
+        self._fd = None
+        self._looked = False
