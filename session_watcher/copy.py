@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from dataclasses import dataclass
 
 from .config import Config
@@ -178,16 +179,19 @@ def sync_file(
     now: float,
     dry_run: bool = False,
     lstat: os.stat_result | None = None,
+    since: float | None = None,
 ) -> Result:
     """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
 
     `lstat` may pass the entry's stat from a directory scan, so that an up-to-date file
-    costs one more fstatat (of the target) and nothing else.
+    costs one more fstatat (of the target) and nothing else. `since` is the wall time of
+    the event that asked for this copy, for the latency in the log line.
     """
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
-                return _sync_once(config, source, store, name, now, dry_run, lstat)
+                result = _sync_once(config, source, store, name, now, dry_run, lstat)
+                break
             except _Changed as e:
                 log.debug(
                     "%s changed during copy (%s), try %d", _label(source, name), e, attempt + 1
@@ -205,12 +209,24 @@ def sync_file(
                     errno.errorcode.get(code, "?"),
                 )
                 return Result(Outcome.FAILED, detail=str(e), errno=code)
-        log.error(
-            "failed %s: source kept changing during the copy (%d tries)",
-            _label(source, name),
-            MAX_TRIES,
-        )
-        return Result(Outcome.FAILED, detail="source kept changing during the copy")
+        else:
+            log.error(
+                "failed %s: source kept changing during the copy (%d tries)",
+                _label(source, name),
+                MAX_TRIES,
+            )
+            return Result(Outcome.FAILED, detail="source kept changing during the copy")
+    if result.outcome is Outcome.COPIED and not dry_run:
+        if since is None:
+            log.info("copied %s (%d bytes)", _label(source, name), result.nbytes)
+        else:
+            log.info(
+                "copied %s (%d bytes, %.1f ms after the event)",
+                _label(source, name),
+                result.nbytes,
+                (time.time() - since) * 1000,
+            )
+    return result
 
 
 def _sync_once(
@@ -285,7 +301,6 @@ def _sync_once(
         _install(config, source, store, name, fd, st, length)
     finally:
         os.close(fd)
-    log.info("copied %s (%d bytes)", _label(source, name), length)
     return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
 
 

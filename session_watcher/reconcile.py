@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +72,14 @@ def reconcile(
     dry_run: bool = False,
     now: Callable[[], float] = time.time,
     on_result: Callable[[SourceDir, str, Result], None] | None = None,
+    only: Collection[str] | None = None,
+    stop: threading.Event | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
     Raises OSError only when the home root or the store root cannot be opened at all.
-    `on_result` lets the service see each file's result (to schedule a held-back tail).
+    `on_result` lets the service see each file's result (to schedule a held-back tail);
+    `only` limits the pass to those home names; `stop` ends it early between users.
     """
     started = time.monotonic()
     stats = PassStats()
@@ -89,6 +92,10 @@ def reconcile(
             raise OSError(f"store {escape(str(config.target))}: {e.reason}") from None
         try:
             for home in list_homes(home_fd, config):
+                if stop is not None and stop.is_set():
+                    break
+                if only is not None and home.name not in only:
+                    continue
                 source = walk_user(home_fd, home, config)
                 if source is None:
                     continue
