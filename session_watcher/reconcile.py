@@ -74,16 +74,19 @@ def reconcile(
     on_result: Callable[[SourceDir, str, Result], None] | None = None,
     only: Collection[str] | None = None,
     stop: threading.Event | None = None,
+    store: Store | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
     Raises OSError only when the home root or the store root cannot be opened at all.
     `on_result` lets the service see each file's result (to schedule a held-back tail);
-    `only` limits the pass to those home names; `stop` ends it early between users.
+    `only` limits the pass to those home names; `stop` ends it early between users;
+    `store` reuses the caller's Store (group already looked up) instead of a new one.
     """
     started = time.monotonic()
     stats = PassStats()
-    store = store_for(config, dry_run=dry_run)
+    if store is None:
+        store = store_for(config, dry_run=dry_run)
     home_fd = open_root_dir(config.home_root)
     try:
         try:

@@ -65,14 +65,16 @@ class Store:
         self.dry_run = dry_run
         self._mkdir_lock = threading.Lock()
 
-    def _adopt(self, fd: int, st: os.stat_result, what: str) -> None:
-        """Give a store directory our mode and group (after chown: chown may clear setgid)."""
+    def _adopt(self, fd: int, st: os.stat_result, what: str, *, created: bool = False) -> None:
+        """Give a store directory our mode and group (after chown: chown may clear setgid).
+        An existing directory that differs is corrected with an INFO line: the group may
+        have been created after the directory was."""
         want_gid = st.st_gid if self.gid is None else self.gid
         if st.st_gid != want_gid:
             os.fchown(fd, -1, want_gid)
         if stat.S_IMODE(st.st_mode) != self.config.dir_mode or st.st_gid != want_gid:
             os.fchmod(fd, self.config.dir_mode)
-            if stat.S_IMODE(st.st_mode) != 0o700:  # 0700 is how we create them: no news
+            if not created:
                 log.info(
                     "store directory %s: set mode %04o, gid %d",
                     what,
@@ -83,6 +85,7 @@ class Store:
     def open_root(self, *, create: bool) -> int | None:
         """Descriptor of the store root, created (with its parents) when missing and allowed."""
         target = self.config.target
+        created = False
         try:
             fd = open_root_dir(target)
         except FileNotFoundError:
@@ -91,6 +94,8 @@ class Store:
             os.makedirs(target.parent, mode=0o755, exist_ok=True)
             try:
                 os.mkdir(target, 0o700)
+                created = True
+                log.info("created store root %s", escape(str(target)))
             except FileExistsError:
                 pass
             fd = open_root_dir(target)
@@ -100,7 +105,7 @@ class Store:
             raise
         if not self.dry_run:
             try:
-                self._adopt(fd, os.fstat(fd), escape(str(target)))
+                self._adopt(fd, os.fstat(fd), escape(str(target)), created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -115,16 +120,20 @@ class Store:
         except FileNotFoundError:
             if self.dry_run or not create:
                 return None
+            created = False
             with self._mkdir_lock:
                 try:
                     os.mkdir(user, 0o700, dir_fd=root_fd)
+                    created = True
                     log.info("created store directory %s", escape(user))
                 except FileExistsError:
                     pass
                 fd, st = open_dir_at(root_fd, user)
+        else:
+            created = False
         if not self.dry_run:
             try:
-                self._adopt(fd, st, escape(user))
+                self._adopt(fd, st, escape(user), created=created)
             except OSError:
                 os.close(fd)
                 raise

@@ -1,0 +1,386 @@
+"""`session-watcher run`: startup pass, live watches, periodic passes, signals, sd_notify.
+
+Threads: the main thread is the control loop (signals, rescans of the home root, the
+fallback scan of unwatchable directories, WATCHDOG=1); a pass thread runs full and
+per-user passes; a few workers run the copies that events ask for; watchdog owns its
+observer and emitter threads. All copies, from events or passes, go through
+`copy.sync_file`, whose per-file lock keeps two copies of one file from interleaving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+
+from . import __version__
+from .config import Config
+from .copy import Outcome, Result, SourceDir, sync_file
+from .homes import Home, HomeRefused, home_qualifies, list_homes, open_sessions_dir
+from .notify import Notifier, watchdog_interval
+from .reconcile import PassStats, reconcile, store_for
+from .safefs import close_quietly, escape, open_root_dir
+from .store import Store, UserStore, lookup_gid
+from .watch import OverflowDetector, Watcher
+from .workqueue import WorkQueue
+
+__all__ = ["Service", "run_service"]
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0  # new homes whose owner or sessions directory came late
+DEGRADED_SECONDS = 30.0  # fallback scan of directories that could not be watched
+STOP_SECONDS = 10.0  # in-flight copies may finish within this on SIGTERM
+
+
+@dataclass
+class Totals:
+    """Since start; read by STATUS= (and by the state file of the status issue)."""
+
+    copies: int = 0
+    bytes: int = 0
+    refusals: int = 0
+    failures: int = 0
+    overflows: int = 0
+    passes: int = 0
+
+
+class Service:
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.config = config
+        self.notifier = Notifier.from_environ(env)
+        self.watchdog_every = watchdog_interval(env, os.getpid())
+        self.totals = Totals()
+        self.last_pass: PassStats | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._rescan = threading.Event()
+        self._pass_wake = threading.Event()
+        self._pass_users: set[str] | None = set()  # None = a full pass is asked for
+        self._pass_asked = False
+        self._degraded: set[str] = set()
+        self._refused: dict[str, str] = {}
+        self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
+        self.queue = WorkQueue(self._copy, workers=config.workers)
+        self.watcher = Watcher(config, self._on_file, self._on_change)
+        self.overflow = OverflowDetector(self._on_overflow)
+        self._pass_thread = threading.Thread(target=self._passes, name="pass", daemon=True)
+
+    # --- callbacks from other threads ----------------------------------------------------
+
+    def _on_file(self, user: str, name: str, when: float) -> None:
+        self.queue.submit((user, name), trigger=when)
+
+    def _on_change(self) -> None:
+        self._rescan.set()
+        self._wake.set()
+
+    def _on_overflow(self) -> None:
+        with self._lock:
+            self.totals.overflows += 1
+        log.warning("inotify queue overflowed: events were lost; starting a full pass")
+        self.request_pass(None)
+
+    def request_pass(self, users: set[str] | None) -> None:
+        """Ask the pass thread for a pass over `users` (None: every home)."""
+        with self._lock:
+            if users is None or self._pass_users is None:
+                self._pass_users = None
+            else:
+                self._pass_users |= users
+            self._pass_asked = True
+        self._pass_wake.set()
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: starting a full pass")
+            self.request_pass(None)
+        else:
+            self._stop.set()
+            self._wake.set()
+
+    # --- the copy a worker runs ----------------------------------------------------------
+
+    def _copy(self, key: Hashable, trigger: float | None) -> float | None:
+        assert isinstance(key, tuple)
+        user, name = key[0], key[1]
+        result = self._copy_one(user, name, trigger)
+        if result is None:
+            return None
+        self._count(result)
+        if result.recheck_at is not None:
+            return max(0.0, result.recheck_at - time.time())
+        return None
+
+    def _copy_one(self, user: str, name: str, trigger: float | None) -> Result | None:
+        cfg = self.config
+        home_fd = open_root_dir(cfg.home_root)
+        source: SourceDir | None = None
+        store_fd: int | None = None
+        user_store: UserStore | None = None
+        try:
+            try:
+                st = os.stat(user, dir_fd=home_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            if not home_qualifies(user, st, cfg):
+                return None
+            try:
+                source = open_sessions_dir(home_fd, Home(user, st.st_uid), cfg)
+            except HomeRefused as e:
+                log.warning("refused user %s: %s", escape(user), e)
+                return None
+            if source is None:
+                return None
+            store_fd = self.store.open_root(create=True)
+            user_store = UserStore(self.store, store_fd, user)
+            return sync_file(cfg, source, user_store, name, now=time.time(), since=trigger)
+        except OSError as e:
+            log.error("failed %s: %s", escape(f"{user}/{name}"), e)
+            return Result(Outcome.FAILED, detail=str(e), errno=e.errno)
+        finally:
+            if user_store is not None:
+                user_store.close()
+            close_quietly(store_fd)
+            if source is not None:
+                os.close(source.fd)
+            os.close(home_fd)
+
+    def _count(self, result: Result) -> None:
+        with self._lock:
+            t = self.totals
+            if result.outcome is Outcome.COPIED:
+                t.copies += 1
+                t.bytes += result.nbytes
+            elif result.outcome is Outcome.REFUSED:
+                t.refusals += 1
+            elif result.outcome is Outcome.FAILED:
+                t.failures += 1
+
+    # --- passes ----------------------------------------------------------------------------
+
+    def _on_pass_result(self, source: SourceDir, name: str, result: Result) -> None:
+        self._count(result)
+        if result.recheck_at is not None:
+            self.queue.submit((source.user, name), delay=max(0.0, result.recheck_at - time.time()))
+
+    def run_pass(self, users: set[str] | None) -> PassStats:
+        if users is None:
+            self._rescan.set()  # a full pass also re-checks which directories are watched
+            self._wake.set()
+            # The group may have been created since start: each full pass looks again.
+            self.store = store_for(self.config)
+        stats = reconcile(
+            self.config,
+            on_result=self._on_pass_result,
+            only=users,
+            stop=self._stop,
+            store=self.store,
+        )
+        with self._lock:
+            self.totals.passes += 1
+            if users is None:
+                self.last_pass = stats
+        self._status()
+        return stats
+
+    def _passes(self) -> None:
+        interval = self.config.reconcile_interval
+        next_full = time.monotonic() + interval if interval else None
+        while not self._stop.is_set():
+            timeout = None if next_full is None else max(0.0, next_full - time.monotonic())
+            self._pass_wake.wait(timeout)
+            self._pass_wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                asked, users = self._pass_asked, self._pass_users
+                self._pass_asked, self._pass_users = False, set()
+            if not asked:
+                users = None  # the periodic timer
+            if users is None and next_full is not None:
+                next_full = time.monotonic() + interval
+            try:
+                self.run_pass(users)
+            except Exception:  # an unusable root this time; the next pass tries again
+                log.exception("pass failed")
+
+    # --- watches ---------------------------------------------------------------------------
+
+    def rescan(self, *, full: bool) -> None:
+        """Bring the set of watches in line with the homes on disk.
+
+        Full: every qualifying home is walked (after home-root events and with every full
+        pass). Not full (the 5 s poll): only homes not watched yet, so that a home whose
+        owner was set after `useradd` created it, or whose sessions directory came later,
+        is picked up without walking thousands of watched homes every few seconds.
+        """
+        cfg = self.config
+        watched = self.watcher.users()
+        found: dict[str, tuple[int, int]] = {}
+        home_fd = open_root_dir(cfg.home_root)
+        try:
+            for home in list_homes(home_fd, cfg):
+                if not full and (home.name in watched or home.name in self._degraded):
+                    found[home.name] = watched.get(home.name, (0, 0))
+                    continue
+                ident = self._walk(home_fd, home)
+                if ident is not None:
+                    found[home.name] = ident
+        finally:
+            os.close(home_fd)
+        new_users: set[str] = set()
+        for user, ident in watched.items():
+            if found.get(user) != ident:
+                log.info("sessions directory of %s went or changed; unwatching it", escape(user))
+                self.watcher.remove(user)
+        for user in list(self._degraded):
+            if user not in found:
+                self._degraded.discard(user)
+        for user, ident in found.items():
+            if user in self.watcher.users() or user in self._degraded:
+                continue
+            if self.watcher.add(user, ident):
+                log.info("watching %s", escape(self.watcher.sessions_path(user)))
+            else:
+                self._degraded.add(user)
+            new_users.add(user)
+        if new_users and self._started:
+            self.request_pass(new_users)  # copy what is already there
+
+    def _walk(self, home_fd: int, home: Home) -> tuple[int, int] | None:
+        try:
+            source = open_sessions_dir(home_fd, home, self.config)
+        except HomeRefused as e:
+            if self._refused.get(home.name) != str(e):
+                log.warning("refused user %s: %s", escape(home.name), e)
+                self._refused[home.name] = str(e)
+            return None
+        except OSError as e:
+            log.warning("cannot open sessions of %s: %s", escape(home.name), e)
+            return None
+        self._refused.pop(home.name, None)
+        if source is None:
+            return None
+        try:
+            st = os.fstat(source.fd)
+            return (st.st_dev, st.st_ino)
+        finally:
+            os.close(source.fd)
+
+    def _retry_degraded(self) -> None:
+        if not self._degraded:
+            return
+        users = set(self._degraded)
+        for user in users:
+            if self.watcher.add(user, (0, 0)):  # the ident is corrected by the next rescan
+                self._degraded.discard(user)
+                self._rescan.set()
+        self.request_pass(users)
+
+    # --- main loop -------------------------------------------------------------------------
+
+    _started = False
+
+    def _status(self) -> None:
+        with self._lock:
+            p = self.last_pass
+            t = self.totals
+            text = (
+                f"watching {self.watcher.count()} users"
+                + (f", {len(self._degraded)} by scan" if self._degraded else "")
+                + f"; since start {t.copies} copied, {t.refusals} refused, {t.failures} failed"
+            )
+            if p is not None:
+                text += (
+                    f"; last pass {p.files_copied} copied, {p.files_skipped} skipped, "
+                    f"{p.files_failed} failed"
+                )
+        self.notifier.send("STATUS=" + text)
+
+    def _healthy(self) -> bool:
+        return self.watcher.alive() and self.queue.alive() and self._pass_thread.is_alive()
+
+    def run(self) -> int:
+        cfg = self.config
+        log.info(
+            "session-watcher %s starting: %s -> %s",
+            __version__,
+            escape(str(cfg.home_root)),
+            escape(str(cfg.target)),
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        self.overflow.install()
+        self.queue.start()
+        self.watcher.start()
+        try:
+            self.rescan(full=True)  # watches first, so nothing closed during the pass is lost
+            self._started = True
+            first = self.run_pass(None)
+            log.info(
+                "ready: watching %d users (%d files copied at start)",
+                self.watcher.count(),
+                first.files_copied,
+            )
+            self._pass_thread.start()
+            self.notifier.send("READY=1")
+            self._status()
+            self._loop()
+        finally:
+            self.notifier.send("STOPPING=1")
+            log.info("stopping")
+            self._stop.set()
+            self._pass_wake.set()
+            self.watcher.stop()
+            clean = self.queue.stop(STOP_SECONDS)
+            if self._pass_thread.is_alive():
+                self._pass_thread.join(STOP_SECONDS)
+            self.overflow.uninstall()
+            self.notifier.close()
+            if not clean:
+                log.warning("copies still running after %.0f s; exiting anyway", STOP_SECONDS)
+        log.info("stopped")
+        return 0
+
+    def _loop(self) -> None:
+        now = time.monotonic()
+        next_poll = now + POLL_SECONDS
+        next_degraded = now + DEGRADED_SECONDS
+        next_ping = now
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self.watchdog_every is not None and now >= next_ping:
+                if self._healthy():
+                    self.notifier.send("WATCHDOG=1")
+                else:
+                    log.error("a thread died (observer, worker or pass); withholding WATCHDOG=1")
+                next_ping = now + self.watchdog_every
+            if self._rescan.is_set() or now >= next_poll:
+                full = self._rescan.is_set()
+                self._rescan.clear()
+                try:
+                    self.rescan(full=full)
+                except OSError as e:
+                    log.error("cannot scan the home root: %s", e)
+                next_poll = now + POLL_SECONDS
+                self.queue.prune()
+            if now >= next_degraded:
+                self._retry_degraded()
+                next_degraded = now + DEGRADED_SECONDS
+            deadline = min(next_poll, next_degraded)
+            if self.watchdog_every is not None:
+                deadline = min(deadline, next_ping)
+            self._wake.wait(max(0.0, deadline - time.monotonic()))
+            self._wake.clear()
+
+
+def run_service(config: Config) -> int:
+    return Service(config).run()

@@ -1,0 +1,207 @@
+"""inotify watches (through watchdog) on every qualifying user's sessions directory and on
+the home root, turned into (user, name) work items. Nothing here copies: the handler only
+looks the event up and hands it on, because one slow copy on watchdog's dispatcher
+thread would stall every event, and one exception there kills the observer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import ObservedWatch
+from watchdog.observers.inotify import InotifyObserver
+
+from .config import Config
+from .homes import is_session_name
+from .safefs import escape
+
+__all__ = ["OVERFLOW_LOGGER", "OverflowDetector", "Watcher"]
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+
+# The kernel mask follows from these: IN_CLOSE_WRITE | IN_MOVE | IN_CREATE | IN_DELETE_SELF.
+SESSION_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent,
+    FileMovedEvent,
+    FileCreatedEvent,
+    DirDeletedEvent,
+]
+HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
+
+@dataclass(frozen=True)
+class UserWatch:
+    user: str
+    path: str
+    ident: tuple[int, int]  # (st_dev, st_ino) of the sessions directory when scheduled
+    watch: ObservedWatch
+
+
+class OverflowDetector(logging.Handler):
+    """watchdog 7.1 reports a kernel queue overflow only as a log record; catch it there.
+
+    Attached to watchdog's logger with that logger forced to WARNING, so it fires whatever
+    level the operator chose (the operator's own handler still filters what is printed)."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow()
+
+    def install(self) -> None:
+        logger = logging.getLogger(OVERFLOW_LOGGER)
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        logger.addHandler(self)
+
+    def uninstall(self) -> None:
+        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self._w = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._w._on_event(event)
+        except Exception:  # never let anything escape into watchdog's thread
+            log.exception("error handling event %r", event)
+
+
+class Watcher:
+    """Owns the observer and the map sessions-directory path -> user.
+
+    `on_file(user, name, when)` is called (on the dispatcher thread: it must be quick) for
+    a closed, created or renamed-in session file; `on_change()` when the home root or a
+    watched directory changed so that watches need a rescan.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        on_file: Callable[[str, str, float], None],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self._on_file = on_file
+        self._on_change = on_change
+        self._observer = InotifyObserver()
+        self._handler = _Handler(self)
+        self._lock = threading.Lock()
+        self._by_path: dict[str, UserWatch] = {}
+        self._by_user: dict[str, UserWatch] = {}
+        self._root_path = os.path.normpath(str(config.home_root))
+        self._root_watch: ObservedWatch | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._observer.start()
+        try:
+            self._root_watch = self._observer.schedule(
+                self._handler, self._root_path, recursive=False, event_filter=HOME_ROOT_EVENTS
+            )
+        except OSError as e:
+            log.warning(
+                "cannot watch the home root %s (%s); new homes are found by polling",
+                escape(self._root_path),
+                e,
+            )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._observer.stop()
+        self._observer.join(timeout)
+
+    def alive(self) -> bool:
+        return self._observer.is_alive()
+
+    # --- watches --------------------------------------------------------------------------
+
+    def sessions_path(self, user: str) -> str:
+        return os.path.join(self._root_path, user, *self.config.sessions_parts)
+
+    def users(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {u: w.ident for u, w in self._by_user.items()}
+
+    def add(self, user: str, ident: tuple[int, int]) -> bool:
+        """Watch a user's sessions directory. False (with one WARNING) if it cannot be
+        watched: ENOSPC (watch limit), EMFILE, EACCES, ..."""
+        path = self.sessions_path(user)
+        try:
+            watch = self._observer.schedule(
+                self._handler, path, recursive=False, event_filter=SESSION_EVENTS
+            )
+        except OSError as e:
+            log.warning(
+                "cannot watch %s (%s); serving it by a scan every 30 s",
+                escape(path),
+                e.strerror or e,
+            )
+            return False
+        uw = UserWatch(user, path, ident, watch)
+        with self._lock:
+            self._by_path[path] = uw
+            self._by_user[user] = uw
+        log.debug("watching %s", escape(path))
+        return True
+
+    def remove(self, user: str) -> None:
+        """Unschedule; watchdog silently ignores re-scheduling a path it still holds, so a
+        deleted-then-recreated directory must be unscheduled before it is watched again."""
+        with self._lock:
+            uw = self._by_user.pop(user, None)
+            if uw is not None:
+                self._by_path.pop(uw.path, None)
+        if uw is None:
+            return
+        try:
+            self._observer.unschedule(uw.watch)
+        except (KeyError, OSError) as e:  # already gone with its directory
+            log.debug("unschedule %s: %r", escape(uw.path), e)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._by_user)
+
+    # --- events (dispatcher thread) -----------------------------------------------------
+
+    def _on_event(self, event: FileSystemEvent) -> None:
+        when = time.time()
+        src = os.fsdecode(event.src_path)
+        if isinstance(event, FileMovedEvent):
+            self._file(os.fsdecode(event.dest_path), when)
+        elif isinstance(event, FileClosedEvent | FileCreatedEvent):
+            self._file(src, when)
+        elif isinstance(event, DirCreatedEvent | DirDeletedEvent | DirMovedEvent) and (
+            os.path.dirname(src) == self._root_path or src in self._by_path
+        ):
+            # A home appeared, went or was renamed, or a watched directory was deleted.
+            self._on_change()
+
+    def _file(self, path: str, when: float) -> None:
+        directory, name = os.path.split(path)
+        uw = self._by_path.get(directory)
+        if uw is not None and is_session_name(name):
+            self._on_file(uw.user, name, when)
