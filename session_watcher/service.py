@@ -276,13 +276,27 @@ class Service:
             os.close(source.fd)
 
     def _retry_degraded(self) -> None:
+        """Try to watch the degraded directories again; scan the ones that still fail."""
         if not self._degraded:
             return
         users = set(self._degraded)
-        for user in users:
-            if self.watcher.add(user, (0, 0)):  # the ident is corrected by the next rescan
-                self._degraded.discard(user)
-                self._rescan.set()
+        home_fd = open_root_dir(self.config.home_root)
+        try:
+            for user in list(self._degraded):
+                try:
+                    st = os.stat(user, dir_fd=home_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    self._degraded.discard(user)
+                    continue
+                ident = self._walk(home_fd, Home(user, st.st_uid))
+                if ident is None:
+                    self._degraded.discard(user)
+                elif self.watcher.add(user, ident):
+                    log.info("watching %s again", escape(self.watcher.sessions_path(user)))
+                    self._degraded.discard(user)
+        finally:
+            os.close(home_fd)
+        # Those now watched get one pass to catch up, those still degraded their scan.
         self.request_pass(users)
 
     # --- main loop -------------------------------------------------------------------------
