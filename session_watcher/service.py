@@ -121,11 +121,12 @@ class Service:
 
     def _copy_one(self, user: str, name: str, trigger: float | None) -> Result | None:
         cfg = self.config
-        home_fd = open_root_dir(cfg.home_root)
+        home_fd: int | None = None
         source: SourceDir | None = None
         store_fd: int | None = None
         user_store: UserStore | None = None
         try:
+            home_fd = open_root_dir(cfg.home_root)
             try:
                 st = os.stat(user, dir_fd=home_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -151,7 +152,7 @@ class Service:
             close_quietly(store_fd)
             if source is not None:
                 os.close(source.fd)
-            os.close(home_fd)
+            close_quietly(home_fd)
 
     def _count(self, result: Result) -> None:
         with self._lock:
