@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint demo bench bench-quick soak soak-quick install clean
+.PHONY: run test lint demo bench bench-quick soak soak-quick install uninstall clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,52 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# --- make install / make uninstall (as root) ------------------------------------------
+# The service gets its own venv (not .venv, which is the developers' editable one), the
+# unit and the env file. Override the paths for a staged or non-standard layout, e.g.
+# `make install PREFIX=/srv/session-watcher`; the installed unit is rewritten to match.
+PREFIX   ?= /opt/session-watcher
+UNITDIR  ?= /etc/systemd/system
+ENVFILE  ?= /etc/default/session-watcher
+DOCDIR   ?= $(PREFIX)/share/doc/session-watcher
+
+install:  ## venv in $(PREFIX), unit in $(UNITDIR), env file (never overwritten), daemon-reload
+	@[ "$$(id -u)" = 0 ] || { echo "make install: run as root (sudo make install)" >&2; exit 1; }
+	@case "$(PREFIX)" in /?*) ;; *) echo "make install: PREFIX must be an absolute path" >&2; exit 1;; esac
+	[ -x $(PREFIX)/bin/python ] || $(PYTHON) -m venv $(PREFIX)
+	# setuptools never prunes build/lib: a stale copy of a deleted module would be installed.
+	rm -rf build
+	$(PREFIX)/bin/python -m pip install --quiet --upgrade .
+	rm -rf build
+	[ ! -e README.md ] || install -D -m 0644 README.md $(DOCDIR)/README.md
+	install -d $(UNITDIR)
+	sed -e 's#/opt/session-watcher#$(PREFIX)#g' \
+	    -e 's#/etc/default/session-watcher#$(ENVFILE)#g' \
+	    deploy/session-watcher.service > $(UNITDIR)/.session-watcher.service.tmp
+	chmod 0644 $(UNITDIR)/.session-watcher.service.tmp
+	mv -f $(UNITDIR)/.session-watcher.service.tmp $(UNITDIR)/session-watcher.service
+	@if [ -e $(ENVFILE) ]; then \
+	    echo "keeping existing $(ENVFILE) (new defaults: deploy/session-watcher.env)"; \
+	else \
+	    install -D -m 0644 deploy/session-watcher.env $(ENVFILE) && echo "installed $(ENVFILE)"; \
+	fi
+	@if [ -d /run/systemd/system ]; then \
+	    echo "systemctl daemon-reload"; systemctl daemon-reload; \
+	    echo "next: systemctl enable --now session-watcher  (after disabling session-collector.timer)"; \
+	    if systemctl -q is-active session-watcher; then \
+	        echo "session-watcher is running the old code: systemctl restart session-watcher"; fi; \
+	else \
+	    echo "systemd is not running here (no /run/systemd/system): skipped systemctl daemon-reload"; \
+	fi
+
+uninstall:  ## remove venv and unit; keeps $(ENVFILE) unless PURGE=1, never touches the store
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall: run as root" >&2; exit 1; }
+	@case "$(PREFIX)" in /?*) ;; *) echo "make uninstall: PREFIX must be an absolute path" >&2; exit 1;; esac
+	@if [ -d /run/systemd/system ]; then systemctl disable --now session-watcher 2>/dev/null || true; fi
+	rm -f $(UNITDIR)/session-watcher.service
+	rm -rf $(PREFIX)
+	@if [ "$(PURGE)" = 1 ]; then rm -f $(ENVFILE); echo "removed $(ENVFILE)"; \
+	else echo "kept $(ENVFILE) (make uninstall PURGE=1 removes it)"; fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "systemd is not running here: skipped systemctl daemon-reload"; fi
