@@ -93,6 +93,8 @@ def reconcile(
             store_fd = store.open_root(create=True)
         except Refused as e:
             raise OSError(f"store {escape(str(config.target))}: {e.reason}") from None
+        except OSError as e:
+            raise OSError(e.errno, f"store {escape(str(config.target))}: {e.strerror}") from None
         try:
             for home in list_homes(home_fd, config):
                 if stop is not None and stop.is_set():

@@ -64,6 +64,7 @@ class Store:
         self.gid = gid
         self.dry_run = dry_run
         self._mkdir_lock = threading.Lock()
+        self._mode_warned = False
 
     def _adopt(self, fd: int, st: os.stat_result, what: str, *, created: bool = False) -> None:
         """Give a store directory our mode and group (after chown: chown may clear setgid).
@@ -74,13 +75,21 @@ class Store:
             os.fchown(fd, -1, want_gid)
         if stat.S_IMODE(st.st_mode) != self.config.dir_mode or st.st_gid != want_gid:
             os.fchmod(fd, self.config.dir_mode)
-            if not created:
-                log.info(
-                    "store directory %s: set mode %04o, gid %d",
-                    what,
-                    self.config.dir_mode,
-                    want_gid,
-                )
+            got = stat.S_IMODE(os.fstat(fd).st_mode)
+            if got != self.config.dir_mode:
+                # Without CAP_FSETID the kernel silently drops the setgid bit when root is
+                # not in the directory's group; say so once instead of "fixing" it forever.
+                if not self._mode_warned:
+                    self._mode_warned = True
+                    log.warning(
+                        "store directory %s: asked for mode %04o, got %04o "
+                        "(setting the setgid bit needs CAP_FSETID)",
+                        what,
+                        self.config.dir_mode,
+                        got,
+                    )
+            elif not created:
+                log.info("store directory %s: set mode %04o, gid %d", what, got, want_gid)
 
     def open_root(self, *, create: bool) -> int | None:
         """Descriptor of the store root, created (with its parents) when missing and allowed."""
