@@ -1,0 +1,61 @@
+"""Fixtures shared by every test module: a real home tree, a tmpfs mount, a thread-leak guard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import Tree, make_base, remove_base, wait_for
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread running (after a short grace period to stop)."""
+    before = set(threading.enumerate())
+    yield
+
+    def leaked() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+    try:
+        wait_for(lambda: not leaked(), timeout=5.0, what="threads to finish")
+    except AssertionError:
+        pytest.fail(f"test leaked threads: {leaked()}")
+
+
+@pytest.fixture
+def tree() -> Iterator[Tree]:
+    """A home root `tree.home_root` (users added with `tree.add_user(name)`, owned by uid
+    1000+i as root) and a store path `tree.target` that does not exist yet."""
+    base = make_base()
+    try:
+        yield Tree(base)
+    finally:
+        remove_base(base)
+
+
+@pytest.fixture
+def tmpfs(tree: Tree) -> Iterator[Callable[[Path, str], Path]]:
+    """`tmpfs(dir, size)` mounts a tmpfs of that size on `dir` (root only); unmounted after,
+    before `tree` is removed (hence the dependency)."""
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+            check=True,
+            capture_output=True,
+        )
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        if subprocess.run(["umount", str(where)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+        assert not os.path.ismount(where)
