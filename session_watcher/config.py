@@ -127,6 +127,15 @@ PARSERS: dict[str, Any] = {
 }
 
 
+def _env_names(field: str) -> tuple[str, ...]:
+    """Environment variables for a field, first match wins. `exclude_users` is the option
+    `--exclude-user`, so `SESSION_WATCHER_EXCLUDE_USER` is what an operator writes; the
+    field's own (plural) name is accepted too."""
+    if field == "exclude_users":
+        return (ENV_PREFIX + "EXCLUDE_USER", ENV_PREFIX + "EXCLUDE_USERS")
+    return (ENV_PREFIX + field.upper(),)
+
+
 def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """Build the Config: an explicit flag wins, else `SESSION_WATCHER_<NAME>`, else the default.
 
@@ -142,10 +151,12 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         if given is not None and given != ():
             values[f.name] = frozenset(given) if f.name == "exclude_users" else given
             continue
-        raw = env.get(ENV_PREFIX + f.name.upper())
-        if raw is not None and raw.strip() != "":
-            try:
-                values[f.name] = PARSERS[f.name](raw.strip())
-            except ConfigError as e:
-                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {e}") from None
+        for var in _env_names(f.name):
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                try:
+                    values[f.name] = PARSERS[f.name](raw.strip())
+                except ConfigError as e:
+                    raise ConfigError(f"{var}: {e}") from None
+                break
     return Config(**values)
