@@ -75,8 +75,8 @@ class Service:
 
     # --- callbacks from other threads ----------------------------------------------------
 
-    def _on_file(self, user: str, name: str, when: float) -> None:
-        self.queue.submit((user, name), trigger=when)
+    def _on_file(self, user: str, name: str, when: float | None, delay: float) -> None:
+        self.queue.submit((user, name), trigger=when, delay=delay)
 
     def _on_change(self) -> None:
         self._rescan.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,13 @@ SESSION_EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
 ]
 HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
+# A file that open(O_CREAT) just made is empty, and its writer's close follows within
+# microseconds. Copying it at once would install an empty file in the store, and that
+# copy's cost would space out (delay) the copy the close asks for. So an empty created
+# file is asked for this much later; the close's request supersedes it. An empty file
+# moved in from elsewhere (no close follows) still lands, this much later.
+CREATED_EMPTY_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,17 @@ class _Handler(FileSystemEventHandler):
 class Watcher:
     """Owns the observer and the map sessions-directory path -> user.
 
-    `on_file(user, name, when)` is called (on the dispatcher thread: it must be quick) for
-    a closed, created or renamed-in session file; `on_change()` when the home root or a
-    watched directory changed so that watches need a rescan.
+    `on_file(user, name, when, delay)` is called (on the dispatcher thread: it must be
+    quick) for a closed, created or renamed-in session file: copy it `delay` seconds from
+    now, for the event at wall time `when` (None: no event to measure latency from);
+    `on_change()` when the home root or a watched directory changed so that watches need
+    a rescan.
     """
 
     def __init__(
         self,
         config: Config,
-        on_file: Callable[[str, str, float], None],
+        on_file: Callable[[str, str, float | None, float], None],
         on_change: Callable[[], None],
     ) -> None:
         self.config = config
@@ -192,16 +202,31 @@ class Watcher:
         src = os.fsdecode(event.src_path)
         if isinstance(event, FileMovedEvent):
             self._file(os.fsdecode(event.dest_path), when)
-        elif isinstance(event, FileClosedEvent | FileCreatedEvent):
+        elif isinstance(event, FileClosedEvent):
             self._file(src, when)
+        elif isinstance(event, FileCreatedEvent):
+            self._file(src, when, created=True)
         elif isinstance(event, DirCreatedEvent | DirDeletedEvent | DirMovedEvent) and (
             os.path.dirname(src) == self._root_path or src in self._by_path
         ):
             # A home appeared, went or was renamed, or a watched directory was deleted.
             self._on_change()
 
-    def _file(self, path: str, when: float) -> None:
+    def _file(self, path: str, when: float, *, created: bool = False) -> None:
         directory, name = os.path.split(path)
         uw = self._by_path.get(directory)
-        if uw is not None and is_session_name(name):
-            self._on_file(uw.user, name, when)
+        if uw is None or not is_session_name(name):
+            return
+        if created and _is_empty_file(path):
+            self._on_file(uw.user, name, None, CREATED_EMPTY_DELAY)
+        else:
+            self._on_file(uw.user, name, when, 0.0)
+
+
+def _is_empty_file(path: str) -> bool:
+    # lstat only: a symlink or FIFO is handed on at once, to be refused by the copy.
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
