@@ -34,9 +34,13 @@ class Config:
     max_file_bytes: int = 1 << 30
     settle: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text (journald) or json (log shippers)
     # `run` only.
     reconcile_interval: float = 600.0
     workers: int = 4
+    # `run` writes it, `status` reads it; /run/session-watcher is the unit's RuntimeDirectory.
+    state_file: Path = Path("/run/session-watcher/state.json")
+    metrics_file: Path | None = None  # `run` only: node_exporter textfile, every 15 s
 
     def __post_init__(self) -> None:
         _check(self)
@@ -77,6 +81,11 @@ def _check(c: Config) -> None:
         raise ConfigError(f"workers must be 1..64, got {c.workers}")
     if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log level {c.log_level!r}")
+    if c.log_format not in ("text", "json"):
+        raise ConfigError(f"log format must be text or json, got {c.log_format!r}")
+    for what, path in (("state file", c.state_file), ("metrics file", c.metrics_file)):
+        if path is not None and not path.is_absolute():
+            raise ConfigError(f"{what} must be an absolute path: {str(path)!r}")
 
 
 def parse_mode(text: str) -> int:
@@ -124,6 +133,9 @@ PARSERS: dict[str, Any] = {
     "log_level": lambda s: s.strip().upper(),
     "reconcile_interval": _parse_float,
     "workers": _parse_int,
+    "log_format": lambda s: s.strip().lower(),
+    "state_file": Path,
+    "metrics_file": Path,
 }
 
 

@@ -7,6 +7,7 @@ serialise on a lock).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import logging
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config
+from .logfmt import fields
 from .safefs import FILE_FLAGS, Refused, escape
 from .store import TEMP_PREFIX, TEMP_SUFFIX, UserStore
 
@@ -28,6 +30,7 @@ __all__ = [
     "install_length",
     "is_up_to_date",
     "refusal",
+    "refusal_kind",
     "sync_file",
 ]
 
@@ -63,6 +66,8 @@ class Result:
     # (epoch seconds), when the source will count as quiet if nothing else happens.
     recheck_at: float | None = None
     errno: int | None = None
+    # Seconds from the triggering event (`since`) to the copy being in place, for metrics.
+    latency: float | None = None
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -88,6 +93,29 @@ def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> str | None:
     if st.st_size > max_bytes:
         return f"{st.st_size} bytes, over the limit of {max_bytes}"
     return None
+
+
+# A refusal reason from `refusal()` (or the open) -> a small fixed label for metrics and
+# structured logs: never a user name, path or number.
+_KINDS = (
+    ("a symlink", "symlink"),
+    ("a FIFO", "fifo"),
+    ("a socket", "socket"),
+    ("a directory", "directory"),
+    ("a character device", "device"),
+    ("a block device", "device"),
+    ("owned by uid", "owner"),
+)
+
+
+def refusal_kind(reason: str) -> str:
+    """symlink, fifo, socket, directory, device, owner, size or other."""
+    for prefix, kind in _KINDS:
+        if reason.startswith(prefix):
+            return kind
+    if "over the limit" in reason:
+        return "size"
+    return "other"
 
 
 def is_up_to_date(src: os.stat_result, tgt: os.stat_result | None) -> bool:
@@ -198,7 +226,12 @@ def sync_file(
                 )
                 lstat = None
             except Refused as e:
-                log.warning("refused %s: %s", _label(source, name), e.reason)
+                log.warning(
+                    "refused %s: %s",
+                    _label(source, name),
+                    e.reason,
+                    extra=fields(source.user, name, reason=refusal_kind(e.reason)),
+                )
                 return Result(Outcome.REFUSED, detail=e.reason)
             except OSError as e:
                 code = e.errno or 0
@@ -207,6 +240,7 @@ def sync_file(
                     _label(source, name),
                     os.strerror(code) if code else e,
                     errno.errorcode.get(code, "?"),
+                    extra=fields(source.user, name, errno=errno.errorcode.get(code, "unknown")),
                 )
                 return Result(Outcome.FAILED, detail=str(e), errno=code)
         else:
@@ -214,18 +248,27 @@ def sync_file(
                 "failed %s: source kept changing during the copy (%d tries)",
                 _label(source, name),
                 MAX_TRIES,
+                extra=fields(source.user, name, reason="changing"),
             )
             return Result(Outcome.FAILED, detail="source kept changing during the copy")
     if result.outcome is Outcome.COPIED and not dry_run:
         if since is None:
-            log.info("copied %s (%d bytes)", _label(source, name), result.nbytes)
+            log.info(
+                "copied %s (%d bytes)",
+                _label(source, name),
+                result.nbytes,
+                extra=fields(source.user, name, nbytes=result.nbytes),
+            )
         else:
+            latency = time.time() - since
             log.info(
                 "copied %s (%d bytes, %.1f ms after the event)",
                 _label(source, name),
                 result.nbytes,
-                (time.time() - since) * 1000,
+                latency * 1000,
+                extra=fields(source.user, name, nbytes=result.nbytes, latency_ms=latency * 1000),
             )
+            result = dataclasses.replace(result, latency=latency)
     return result
 
 
@@ -290,6 +333,7 @@ def _sync_once(
                 _label(source, name),
                 tgt.st_size,
                 size,
+                extra=fields(source.user, name, nbytes=size, reason="shrank"),
             )
         if tgt is not None and stat.S_ISLNK(tgt.st_mode):
             log.warning(

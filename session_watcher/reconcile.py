@@ -6,17 +6,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
-from .homes import is_session_name, list_homes, walk_user
+from .homes import Home, is_session_name, list_homes, walk_user
 from .safefs import Refused, close_quietly, escape, open_root_dir
 from .store import Store, UserStore, lookup_gid
 
-__all__ = ["PassStats", "reconcile", "store_for"]
+__all__ = ["PassStats", "Progress", "reconcile", "store_for"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class PassStats:
     files_failed: int = 0
     bytes_copied: int = 0
     duration_s: float = 0.0
+    homes_done: int = field(default=0, repr=False, compare=False)  # for progress only
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, result: Result) -> None:
@@ -58,6 +59,15 @@ class PassStats:
         }
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a pass is, for a progress display: homes done of those found, bytes so far."""
+
+    users_done: int
+    users_total: int
+    bytes_copied: int
+
+
 def store_for(config: Config, *, dry_run: bool = False) -> Store:
     """A Store with the group looked up; warns once when the group does not exist."""
     gid = lookup_gid(config.group)
@@ -75,13 +85,16 @@ def reconcile(
     only: Collection[str] | None = None,
     stop: threading.Event | None = None,
     store: Store | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
     Raises OSError only when the home root or the store root cannot be opened at all.
     `on_result` lets the service see each file's result (to schedule a held-back tail);
     `only` limits the pass to those home names; `stop` ends it early between users;
-    `store` reuses the caller's Store (group already looked up) instead of a new one.
+    `store` reuses the caller's Store (group already looked up) instead of a new one;
+    `progress` is called as homes finish and files are copied (the CLI draws a bar with it;
+    the homes are then listed up front, which costs memory per home, not per file).
     """
     started = time.monotonic()
     stats = PassStats()
@@ -96,13 +109,23 @@ def reconcile(
         except OSError as e:
             raise OSError(e.errno, f"store {escape(str(config.target))}: {e.strerror}") from None
         try:
-            for home in list_homes(home_fd, config):
+            homes: Iterable[Home] = list_homes(home_fd, config)
+            total = 0
+            if progress is not None:
+                homes = [h for h in homes if only is None or h.name in only]
+                total = len(homes)
+                progress(Progress(0, total, 0))
+                on_result = _with_progress(on_result, progress, stats, total)
+            for home in homes:
                 if stop is not None and stop.is_set():
                     break
                 if only is not None and home.name not in only:
                     continue
                 source = walk_user(home_fd, home, config)
                 if source is None:
+                    if progress is not None:
+                        stats.homes_done += 1
+                        progress(Progress(stats.homes_done, total, stats.bytes_copied))
                     continue
                 try:
                     if _pass_user(
@@ -111,6 +134,9 @@ def reconcile(
                         stats.users_processed += 1
                 finally:
                     os.close(source.fd)
+                    if progress is not None:
+                        stats.homes_done += 1
+                        progress(Progress(stats.homes_done, total, stats.bytes_copied))
         finally:
             close_quietly(store_fd)
     finally:
@@ -130,6 +156,21 @@ def reconcile(
     return stats
 
 
+def _with_progress(
+    on_result: Callable[[SourceDir, str, Result], None] | None,
+    progress: Callable[[Progress], None],
+    stats: PassStats,
+    total: int,
+) -> Callable[[SourceDir, str, Result], None]:
+    def both(source: SourceDir, name: str, result: Result) -> None:
+        if on_result is not None:
+            on_result(source, name, result)
+        if result.outcome is Outcome.COPIED:
+            progress(Progress(stats.homes_done, total, stats.bytes_copied))
+
+    return both
+
+
 def _pass_user(
     config: Config,
     store: Store,
@@ -147,7 +188,7 @@ def _pass_user(
         try:
             dir_fd = user_store.fd(create=False)
             if dir_fd is not None:
-                store.remove_stale_temps(dir_fd, source.user)
+                store.remove_stale_temps(dir_fd, source.user, now)
         except OSError as e:
             log.error("store directory of %s: %s", escape(source.user), e)
         with os.scandir(source.fd) as it:
