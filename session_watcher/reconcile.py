@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -184,13 +185,24 @@ def _pass_user(
     """One user's files; True when the user had at least one qualifying file."""
     user_store = UserStore(store, store_fd, source.user)
     seen = False
+    unusable: OSError | None = None
     try:
         try:
             dir_fd = user_store.fd(create=False)
             if dir_fd is not None:
                 store.remove_stale_temps(dir_fd, source.user, now)
         except OSError as e:
-            log.error("store directory of %s: %s", escape(source.user), e)
+            if e.errno == errno.ELOOP:
+                # A symlink planted as the user's store directory: never followed. Every
+                # file of the user fails, but one line says why, not one line per file.
+                unusable = e
+                log.error(
+                    "store directory of %s: %s; its files are not copied this pass",
+                    escape(source.user),
+                    e.strerror,
+                )
+            else:
+                log.error("store directory of %s: %s", escape(source.user), e)
         with os.scandir(source.fd) as it:
             for entry in it:
                 if not is_session_name(entry.name):
@@ -201,9 +213,12 @@ def _pass_user(
                 except FileNotFoundError:
                     stats.record(Result(Outcome.VANISHED))
                     continue
-                result = sync_file(
-                    config, source, user_store, entry.name, now=now, dry_run=dry_run, lstat=st
-                )
+                if unusable is not None:
+                    result = Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno)
+                else:
+                    result = sync_file(
+                        config, source, user_store, entry.name, now=now, dry_run=dry_run, lstat=st
+                    )
                 stats.record(result)
                 if on_result is not None:
                     on_result(source, entry.name, result)
