@@ -109,7 +109,8 @@ class Store:
                 pass
             fd = open_root_dir(target)
         except OSError as e:
-            if e.errno == errno.ELOOP:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR on Linux, not ELOOP.
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(target):
                 raise Refused("store root is a symlink") from None
             raise
         if not self.dry_run:
