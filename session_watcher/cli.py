@@ -1,5 +1,6 @@
-"""Command line: `session-watcher reconcile|run`. Parses, builds the Config, maps errors to
-exit codes. Exit codes: 0 ok, 1 a file failed (or the service failed), 2 usage/configuration."""
+"""Command line: `session-watcher reconcile|run|status`. Parses, builds the Config, maps
+errors to exit codes. Exit codes: 0 ok, 1 a file failed (or the service failed, or `status`
+found the store lagging), 2 usage/configuration."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import PARSERS, Config, ConfigError, resolve
+from .logfmt import setup_logging as _setup_logging
 from .safefs import escape
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -60,6 +62,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     add("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add(
+        "--log-format",
+        metavar="FORMAT",
+        help="text (default; for journald) or json (one object per line, for log shippers)",
+    )
+
+
+def _state_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="the service's state file (default /run/session-watcher/state.json)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between full passes; 0 = only at start (default 600)",
     )
     run.add_argument("--workers", metavar="N", help="copy worker threads (default 4)")
+    _state_file(run)
+    run.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write Prometheus metrics here every 15 s (node_exporter textfile; default none)",
+    )
     run.set_defaults(func=_cmd_run)
+
+    st = sub.add_parser(
+        "status", help="compare sources with the store (read-only); exit 1 if it is lagging"
+    )
+    _common(st)
+    _state_file(st)
+    st.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        default="120",
+        help="files changed more recently than this may still be on their way (default 120)",
+    )
+    st.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -113,16 +148,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     return resolve(flags, os.environ if environ is None else environ)
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr (journald collects it); journald adds its own timestamps."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr (journald collects it), as text or one JSON object per line."""
+    _setup_logging(level, fmt)
 
 
 def _check_home_root(config: Config) -> None:
@@ -134,10 +162,48 @@ def _cmd_reconcile(args: argparse.Namespace, config: Config) -> int:
     from .reconcile import reconcile
 
     _check_home_root(config)
-    stats = reconcile(config, dry_run=args.dry_run)
+    if show_progress(args, config):
+        from .progress import progress_bar
+
+        with progress_bar() as progress:
+            stats = reconcile(config, dry_run=args.dry_run, progress=progress)
+    else:
+        stats = reconcile(config, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(stats.as_dict()), flush=True)
     return EXIT_FAILED if stats.files_failed else EXIT_OK
+
+
+def show_progress(
+    args: argparse.Namespace, config: Config, environ: dict[str, str] | None = None
+) -> bool:
+    """A progress bar only for a person at a terminal: never on a pipe, with --json or
+    JSON logs, or under systemd (JOURNAL_STREAM / INVOCATION_ID)."""
+    env = os.environ if environ is None else environ
+    return (
+        sys.stdout.isatty()
+        and sys.stderr.isatty()
+        and not getattr(args, "json", False)
+        and config.log_format == "text"
+        and "JOURNAL_STREAM" not in env
+        and "INVOCATION_ID" not in env
+    )
+
+
+def _cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from .status import check, render_json, render_text
+
+    try:
+        grace = float(args.grace)
+    except ValueError:
+        raise ConfigError(f"--grace: not a number: {args.grace!r}") from None
+    if not 0 <= grace < float("inf"):
+        raise ConfigError(f"--grace must be a number of seconds >= 0, got {args.grace!r}")
+    _check_home_root(config)
+    report = check(config, grace=grace)
+    sys.stdout.write((render_json(report) + "\n") if args.json else render_text(report))
+    sys.stdout.flush()
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
@@ -155,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"session-watcher: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         return int(args.func(args, config))
     except ConfigError as e:
