@@ -9,22 +9,28 @@ observer and emitter threads. All copies, from events or passes, go through
 
 from __future__ import annotations
 
+import errno as errno_mod
+import json
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import FrameType
+from typing import Any
 
 from . import __version__
 from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
 from .homes import Home, HomeRefused, home_qualifies, list_homes, open_sessions_dir
+from .logfmt import fields
+from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .reconcile import PassStats, reconcile, store_for
 from .safefs import close_quietly, escape, open_root_dir
+from .state import AtomicFile, LastError, render_state
 from .store import Store, UserStore, lookup_gid
 from .watch import OverflowDetector, Watcher
 from .workqueue import WorkQueue
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # new homes whose owner or sessions directory came late
 DEGRADED_SECONDS = 30.0  # fallback scan of directories that could not be watched
+PUBLISH_SECONDS = 1.0  # state file at most this often (when it changed)
+HEARTBEAT_SECONDS = 15.0  # ... and at least this often, so a reader can tell it is alive
 STOP_SECONDS = 10.0  # in-flight copies may finish within this on SIGTERM
 
 
@@ -58,6 +66,13 @@ class Service:
         self.watchdog_every = watchdog_interval(env, os.getpid())
         self.totals = Totals()
         self.last_pass: PassStats | None = None
+        self.last_pass_at: float | None = None
+        self.started_at = time.time()
+        self.ready = False
+        self.metrics = Metrics(config.metrics_file)
+        self.state_file = AtomicFile(config.state_file, "state file", PUBLISH_SECONDS)
+        self.last_error = LastError()
+        self._published: tuple[str, float] = ("", float("-inf"))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -85,6 +100,7 @@ class Service:
     def _on_overflow(self) -> None:
         with self._lock:
             self.totals.overflows += 1
+        self.metrics.overflows.inc()
         log.warning("inotify queue overflowed: events were lost; starting a full pass")
         self.request_pass(None)
 
@@ -136,7 +152,7 @@ class Service:
             try:
                 source = open_sessions_dir(home_fd, Home(user, st.st_uid), cfg)
             except HomeRefused as e:
-                log.warning("refused user %s: %s", escape(user), e)
+                log.warning("refused user %s: %s", escape(user), e, extra=fields(user))
                 return None
             if source is None:
                 return None
@@ -144,7 +160,12 @@ class Service:
             user_store = UserStore(self.store, store_fd, user)
             return sync_file(cfg, source, user_store, name, now=time.time(), since=trigger)
         except OSError as e:
-            log.error("failed %s: %s", escape(f"{user}/{name}"), e)
+            log.error(
+                "failed %s: %s",
+                escape(f"{user}/{name}"),
+                e,
+                extra=fields(user, name, errno=errno_name(e.errno)),
+            )
             return Result(Outcome.FAILED, detail=str(e), errno=e.errno)
         finally:
             if user_store is not None:
@@ -155,6 +176,7 @@ class Service:
             close_quietly(home_fd)
 
     def _count(self, result: Result) -> None:
+        self.metrics.record(result)
         with self._lock:
             t = self.totals
             if result.outcome is Outcome.COPIED:
@@ -185,10 +207,12 @@ class Service:
             stop=self._stop,
             store=self.store,
         )
+        self.metrics.record_pass(stats, full=users is None)
         with self._lock:
             self.totals.passes += 1
             if users is None:
                 self.last_pass = stats
+                self.last_pass_at = time.time()
         self._status()
         return stats
 
@@ -261,7 +285,7 @@ class Service:
             source = open_sessions_dir(home_fd, home, self.config)
         except HomeRefused as e:
             if self._refused.get(home.name) != str(e):
-                log.warning("refused user %s: %s", escape(home.name), e)
+                log.warning("refused user %s: %s", escape(home.name), e, extra=fields(home.name))
                 self._refused[home.name] = str(e)
             return None
         except OSError as e:
@@ -320,6 +344,46 @@ class Service:
                 )
         self.notifier.send("STATUS=" + text)
 
+    def state(self) -> dict[str, Any]:
+        """The state file's document: what `session-watcher status` shows as our view."""
+        with self._lock:
+            p = self.last_pass
+            last_pass = None
+            if p is not None:
+                last_pass = {"at": self.last_pass_at, **p.as_dict()}
+            totals = asdict(self.totals)
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "running": not self._stop.is_set(),
+            "ready": self.ready,
+            "started_at": round(self.started_at, 3),
+            "home_root": str(self.config.home_root),
+            "target": str(self.config.target),
+            "users_watched": self.watcher.count(),
+            "degraded": sorted(self.watcher.sessions_path(u) for u in self._degraded),
+            "last_pass": last_pass,
+            "totals": totals,
+            "last_error": self.last_error.last,
+        }
+
+    def publish(self, *, force: bool = False) -> None:
+        """State file when it changed (at most once a second) or every 15 s; metrics file
+        every 15 s. Runs on the control thread (it owns the degraded set)."""
+        now = time.monotonic()
+        self.metrics.watched_users.set(self.watcher.count())
+        self.metrics.degraded.set(len(self._degraded))
+        self.metrics.ready.set(1 if self.ready and not self._stop.is_set() else 0)
+        self.metrics.write(now=now, force=force)
+        doc = self.state()
+        key = json.dumps(doc, sort_keys=True)
+        last_key, last_at = self._published
+        if not force and key == last_key and now - last_at < HEARTBEAT_SECONDS:
+            return
+        doc["updated_at"] = round(time.time(), 3)
+        if self.state_file.write(lambda: render_state(doc), now=now, force=force):
+            self._published = (key, now)
+
     def _healthy(self) -> bool:
         return self.watcher.alive() and self.queue.alive() and self._pass_thread.is_alive()
 
@@ -334,9 +398,11 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         self.overflow.install()
+        self.last_error.install()
         self.queue.start()
         self.watcher.start()
         try:
+            self.publish(force=True)
             self.rescan(full=True)  # watches first, so nothing closed during the pass is lost
             self._started = True
             first = self.run_pass(None)
@@ -346,8 +412,10 @@ class Service:
                 first.files_copied,
             )
             self._pass_thread.start()
+            self.ready = True
             self.notifier.send("READY=1")
             self._status()
+            self.publish(force=True)
             self._loop()
         finally:
             self.notifier.send("STOPPING=1")
@@ -362,6 +430,8 @@ class Service:
             self.notifier.close()
             if not clean:
                 log.warning("copies still running after %.0f s; exiting anyway", STOP_SECONDS)
+            self.publish(force=True)  # running: false, ready: 0
+            self.last_error.uninstall()
         log.info("stopped")
         return 0
 
@@ -371,6 +441,7 @@ class Service:
         next_degraded = now + DEGRADED_SECONDS
         next_ping = now
         while not self._stop.is_set():
+            self.publish()
             now = time.monotonic()
             if self.watchdog_every is not None and now >= next_ping:
                 if self._healthy():
@@ -390,11 +461,15 @@ class Service:
             if now >= next_degraded:
                 self._retry_degraded()
                 next_degraded = now + DEGRADED_SECONDS
-            deadline = min(next_poll, next_degraded)
+            deadline = min(next_poll, next_degraded, now + PUBLISH_SECONDS)
             if self.watchdog_every is not None:
                 deadline = min(deadline, next_ping)
             self._wake.wait(max(0.0, deadline - time.monotonic()))
             self._wake.clear()
+
+
+def errno_name(code: int | None) -> str:
+    return errno_mod.errorcode.get(code or 0, "unknown")
 
 
 def run_service(config: Config) -> int:
