@@ -112,9 +112,19 @@ def _step(parent_fd: int, part: str, user: str) -> tuple[int, os.stat_result]:
 
 
 def walk_user(root_fd: int, home: Home, config: Config) -> SourceDir | None:
-    """`open_sessions_dir` with the refusal logged once as a WARNING."""
+    """`open_sessions_dir` with the refusal logged once as a WARNING, and any other error
+    (EIO, ESTALE on a network home, ...) as one ERROR: one bad home never ends the pass."""
     try:
         return open_sessions_dir(root_fd, home, config)
     except HomeRefused as e:
         log.warning("refused user %s for this pass: %s", escape(home.name), e)
+        return None
+    except OSError as e:
+        code = e.errno or 0
+        log.error(
+            "could not open the sessions directory of %s: %s (%s)",
+            escape(home.name),
+            os.strerror(code) if code else e,
+            errno.errorcode.get(code, "?"),
+        )
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -431,3 +432,51 @@ def test_missing_home_root_raises(tree: Tree) -> None:
     with pytest.raises(FileNotFoundError):
         reconcile(tree.config(home_root=tree.base / "absent"))
     assert not tree.target.exists()
+
+
+def test_an_io_error_on_one_home_does_not_end_the_pass(
+    tree: Tree, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EIO/ESTALE (a failing disk, a network home) cannot be made on a local tmp tree: fake
+    # only that boundary, for alice's `user` component.
+    from session_watcher import homes, safefs
+
+    real = safefs.open_dir_at
+
+    def open_dir_at(parent_fd: int, name: str) -> tuple[int, os.stat_result]:
+        if name == "user" and os.readlink(f"/proc/self/fd/{parent_fd}").endswith("/alice"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(parent_fd, name)
+
+    monkeypatch.setattr(homes, "open_dir_at", open_dir_at)
+    for name in ("alice", "bob"):
+        tree.add_user(name)
+        tree.write(name, "s.jsonl", LINE)
+    stats = reconcile(tree.config())
+    assert stored_tree(tree) == {"bob/s.jsonl": LINE}
+    assert (stats.users_processed, stats.files_copied) == (1, 1)
+    (error,) = log_lines(caplog.records, logging.ERROR)
+    assert "'alice'" in error and "EIO" in error
+
+
+def test_pass_stats_count_a_vanished_source_as_skipped() -> None:
+    from session_watcher.copy import Outcome, Result
+
+    stats = PassStats()
+    for r in [
+        Result(Outcome.COPIED, nbytes=10),
+        Result(Outcome.COPIED, nbytes=5),
+        Result(Outcome.SKIPPED),
+        Result(Outcome.VANISHED),
+        Result(Outcome.REFUSED, detail="a FIFO"),
+        Result(Outcome.FAILED, errno=28),
+    ]:
+        stats.record(r)
+    assert counts(stats) == {
+        "users_processed": 0,
+        "files_copied": 2,
+        "files_skipped": 2,
+        "files_refused": 1,
+        "files_failed": 1,
+        "bytes_copied": 15,
+    }
