@@ -13,9 +13,11 @@ import errno as errno_mod
 import json
 import logging
 import os
+import select
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass
 from types import FrameType
@@ -58,6 +60,44 @@ class Totals:
     passes: int = 0
 
 
+class _StopEvent(threading.Event):
+    """A stop Event a signal handler can raise without taking a lock (`ask`): `is_set`
+    sees it at once; the control loop then sets it for real."""
+
+    _asked = False
+
+    def ask(self) -> None:
+        self._asked = True
+
+    def is_set(self) -> bool:
+        return self._asked or super().is_set()
+
+
+class _Wakeup:
+    """What the control loop sleeps on: a self-pipe that other threads write to (`set`)
+    and that the interpreter writes to from C when a signal arrives (`set_wakeup_fd`), so
+    waking the loop for a signal takes no Python-level lock."""
+
+    def __init__(self) -> None:
+        self._r, self.fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        try:
+            os.write(self.fd, b"\0")
+        except BlockingIOError:  # full: the loop has plenty to wake up for
+            pass
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._r], [], [], timeout)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
 class Service:
     def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -74,8 +114,9 @@ class Service:
         self.last_error = LastError()
         self._published: tuple[str, float] = ("", float("-inf"))
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._stop = _StopEvent()
+        self._wake = _Wakeup()
+        self._signals: deque[int] = deque()
         self._rescan = threading.Event()
         self._pass_wake = threading.Event()
         self._pass_users: set[str] | None = set()  # None = a full pass is asked for
@@ -115,12 +156,22 @@ class Service:
         self._pass_wake.set()
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            log.info("SIGHUP: starting a full pass")
-            self.request_pass(None)
-        else:
-            self._stop.set()
-            self._wake.set()
+        # Runs between two bytecodes of the main thread, which may hold any lock (ours, an
+        # Event's, logging's), and runs inside itself when signals come fast: taking a
+        # lock here deadlocks. So only record; the wakeup fd wakes the control loop.
+        self._signals.append(signum)
+        if signum != signal.SIGHUP:
+            self._stop.ask()  # also ends the initial pass early
+
+    def _take_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.popleft()
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: starting a full pass")
+                self.request_pass(None)
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self._stop.set()
 
     # --- the copy a worker runs ----------------------------------------------------------
 
@@ -395,6 +446,7 @@ class Service:
             escape(str(cfg.home_root)),
             escape(str(cfg.target)),
         )
+        signal.set_wakeup_fd(self._wake.fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         self.overflow.install()
@@ -426,6 +478,7 @@ class Service:
             clean = self.queue.stop(STOP_SECONDS)
             if self._pass_thread.is_alive():
                 self._pass_thread.join(STOP_SECONDS)
+            signal.set_wakeup_fd(-1)
             self.overflow.uninstall()
             self.notifier.close()
             if not clean:
@@ -440,7 +493,10 @@ class Service:
         next_poll = now + POLL_SECONDS
         next_degraded = now + DEGRADED_SECONDS
         next_ping = now
-        while not self._stop.is_set():
+        while True:
+            self._take_signals()
+            if self._stop.is_set():
+                break
             self.publish()
             now = time.monotonic()
             if self.watchdog_every is not None and now >= next_ping:
