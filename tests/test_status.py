@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,15 @@ def test_missing_and_stale_past_grace_exit_1_naming_them(tree: Tree) -> None:
     assert set(lag) == {"stale.jsonl", "missing.jsonl"}
     assert lag["stale.jsonl"]["state"] == "stale"
     assert lag["missing.jsonl"]["state"] == "missing"
-    assert 1040 < lag["missing.jsonl"]["lag_s"] < 1100
+    assert lag["missing.jsonl"]["lag_s"] > lag["stale.jsonl"]["lag_s"] > 1000
     assert doc["unsynced_within_grace"] == 1
     text = run_cli("status", *tree.cli_args())
     assert text.returncode == 1
     assert "LAGGING: 2 file(s)" in text.stdout
-    assert "'alice/missing.jsonl'  missing, 17 min" in text.stdout
-    assert "'alice/stale.jsonl'  stale, 16 min" in text.stdout
+    assert re.search(r"'alice/missing\.jsonl'  missing, 1[5-9] min \d\d s behind", text.stdout)
+    assert re.search(r"'alice/stale\.jsonl'  stale, 1[5-9] min \d\d s behind", text.stdout)
     # A grace longer than the oldest change: nothing lags.
-    assert status_json(tree, "--grace", "5000")[0] == 0
+    assert status_json(tree, "--grace", "50000")[0] == 0
     assert snapshot(tree.target) == before  # copied nothing, changed nothing
 
 
