@@ -42,7 +42,10 @@ root_only = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown, setpriv, 
 
 
 def _pick_group() -> str:
-    # An existing group that is not root's: `users` on Debian; whatever we are in otherwise.
+    # An existing group that is not root's: `users` on Debian. Not as root, only a group we
+    # are in can be given to a file: our own.
+    if not IS_ROOT:
+        return grp.getgrgid(os.getegid()).gr_name
     for name in ("users", "nogroup"):
         try:
             grp.getgrnam(name)

@@ -359,7 +359,6 @@ def test_dry_run_decides_but_writes_nothing(tree: Tree, engine: Callable[..., En
     assert not tree.target.exists()
 
 
-@root_only
 def test_missing_group_leaves_the_default_group_and_still_copies(
     tree: Tree, engine: Callable[..., Engine]
 ) -> None:

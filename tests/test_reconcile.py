@@ -318,7 +318,6 @@ def test_odd_names_are_copied_byte_exact_and_logged_escaped(
     assert any("'alice/-rf.jsonl'" in m for m in copied)
 
 
-@root_only
 def test_odd_name_refusal_is_logged_escaped(tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
     u = tree.add_user("alice")
     link = u.sessions / "x\nWARNING forged.jsonl"
