@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -371,6 +372,9 @@ def _install(
     )
     installed = False
     try:
+        # Held until the rename: a temp file nobody holds a lock on is a crash's leftover,
+        # which the next pass removes at once instead of an hour later (store.py).
+        fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
         gid = store.store.gid
         if gid is not None:
             os.fchown(out, -1, gid)

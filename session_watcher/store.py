@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import logging
 import os
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = ".session-watcher."
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 3600.0
+# A copy holds an flock on its temp file from creation to rename; an unlocked temp file
+# this old was left by a process that died (kill -9, crash, power cut) and is removed by
+# the next pass. The grace covers the instant between the O_EXCL create and the flock.
+ORPHAN_TEMP_SECONDS = 10.0
 
 
 def is_temp_name(name: str) -> bool:
@@ -160,13 +165,35 @@ class Store:
                 if not is_temp_name(entry.name):
                     continue
                 try:
-                    if is_stale_temp(entry.name, entry.stat(follow_symlinks=False), now):
+                    st = entry.stat(follow_symlinks=False)
+                    if is_stale_temp(entry.name, st, now) or (
+                        stat.S_ISREG(st.st_mode)
+                        and now - st.st_ctime > ORPHAN_TEMP_SECONDS
+                        and not _temp_in_use(dir_fd, entry.name)
+                    ):
                         os.unlink(entry.name, dir_fd=dir_fd)
                         removed += 1
                         log.info("removed stale temp file %s/%s", escape(user), escape(entry.name))
                 except FileNotFoundError:
                     continue
         return removed
+
+
+def _temp_in_use(dir_fd: int, name: str) -> bool:
+    """True when a live copy holds the lock on this temp file (see copy._install)."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return True  # gone, or not ours to judge: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases our probe lock
+    return False
 
 
 class UserStore:

@@ -1,0 +1,120 @@
+"""Regression tests for what `make soak` (tests/soak/soak.py) found in the product.
+
+Each test names its finding; all run in a second or two under plain `make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from helpers import TEST_GID, Tree, wait_for
+
+from session_watcher import copy as copy_mod
+from session_watcher.copy import SourceDir, sync_file
+from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX, Store, UserStore
+
+LINE = b'{"type":"user","text":"hello"}\n'
+
+
+def _temps(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n.startswith(TEMP_PREFIX))
+
+
+# --- finding 1: a kill -9 mid-copy left its temp file in the store for an hour -------------
+
+
+def test_temp_of_a_killed_copier_is_removed_by_the_next_pass(tree: Tree) -> None:
+    """Soak: every `kill -9` that landed mid-copy left a `.session-watcher.*.tmp` in the
+    store; the pass after the restart kept it (under an hour old), so "no temp file left"
+    failed. A copy now holds an flock on its temp file; an unlocked one older than a few
+    seconds is a dead process's and goes with the next pass, while a live copy's stays."""
+    d = tree.base / "userstore"
+    d.mkdir()
+    name = f"{TEMP_PREFIX}00000000000000ab.tmp"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import fcntl, os, sys, time
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.write(fd, b"partial")
+                print("locked", flush=True)
+                time.sleep(60)
+                """
+            ),
+            str(d / name),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"locked\n"
+        store = Store(tree.config(), TEST_GID)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            later = time.time() + ORPHAN_TEMP_SECONDS + 1
+            assert store.remove_stale_temps(fd, "alice") == 0  # fresh
+            assert store.remove_stale_temps(fd, "alice", now=later) == 0  # a live copy's
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            assert store.remove_stale_temps(fd, "alice") == 0  # still within the grace
+            assert store.remove_stale_temps(fd, "alice", now=later) == 1  # the crash's
+        finally:
+            os.close(fd)
+        assert _temps(d) == []
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_copy_holds_the_lock_on_its_temp_file_until_the_rename(tree: Tree) -> None:
+    """The other half of finding 1: the pass must never remove a live copy's temp file,
+    so the copy really holds the lock while it writes (checked from inside the copy)."""
+    tree.add_user("alice")
+    tree.write_fast("alice", "s.jsonl", LINE * 100)
+    config = tree.config()
+    store = Store(config, TEST_GID)
+    root = store.open_root(create=True)
+    assert root is not None
+    user_store = UserStore(store, root, "alice")
+    seen: list[int] = []
+    real = copy_mod._copy_bytes
+
+    def spy(src: int, dst: int, length: int) -> int:
+        dir_fd = user_store.fd(create=False)
+        assert dir_fd is not None
+        old = time.time() + ORPHAN_TEMP_SECONDS + 1
+        seen.append(store.remove_stale_temps(dir_fd, "alice", now=old))
+        return real(src, dst, length)
+
+    src_fd = os.open(tree.users["alice"].sessions, os.O_RDONLY | os.O_DIRECTORY)
+    copy_mod._copy_bytes = spy
+    try:
+        result = sync_file(
+            config,
+            SourceDir("alice", tree.users["alice"].uid, src_fd),
+            user_store,
+            "s.jsonl",
+            now=time.time() + 60,
+        )
+    finally:
+        copy_mod._copy_bytes = real
+        user_store.close()
+        os.close(src_fd)
+        os.close(root)
+    assert seen == [0], "the pass removed the temp file of a copy in progress"
+    assert result.outcome.value == "copied"
+    assert tree.stored("alice", "s.jsonl").read_bytes() == LINE * 100
+    wait_for(lambda: _temps(tree.target / "alice") == [], timeout=1, what="no temp file")
