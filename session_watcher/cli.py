@@ -154,8 +154,16 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def _check_home_root(config: Config) -> None:
-    if not config.home_root.is_dir():
-        raise ConfigError(f"home root {escape(str(config.home_root))} is not a directory")
+    root = config.home_root
+    # The roots are opened with O_NOFOLLOW like everything else; say so plainly rather
+    # than failing later with ELOOP (e.g. /home -> /var/home on some distributions).
+    if root.is_symlink():
+        raise ConfigError(
+            f"home root {escape(str(root))} is a symlink; give the real path "
+            f"({escape(os.path.realpath(root))})"
+        )
+    if not root.is_dir():
+        raise ConfigError(f"home root {escape(str(root))} is not a directory")
 
 
 def _cmd_reconcile(args: argparse.Namespace, config: Config) -> int:
