@@ -23,6 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check session_watcher tests bench
 	$(BIN)/mypy
 
+demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies landing, a clean stop
+	$(BIN)/python demo/demo.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
