@@ -1,0 +1,528 @@
+"""`session-watcher run` as a real process on a real tree: events, coalescing, overflow,
+signals, sd_notify, hostile files. Every wait has a deadline; nothing sleeps then asserts.
+
+Writers run as the users' uids (setpriv) when the tests run as root. Timings are never
+asserted: these machines have two shared cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+from helpers import TEST_GID, Tree, User, cli_env, run_as, run_cli, wait_for, write_as
+
+from session_watcher.service import Service as ServiceObject
+
+START_TIMEOUT = 15.0
+
+# --- the service as a subprocess ------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: IO[bytes] = field(repr=False)
+
+    def log(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "backslashreplace")
+
+    def lines(self, needle: str) -> list[str]:
+        return [line for line in self.log().splitlines() if needle in line]
+
+    def copies(self, user: str, name: str) -> list[str]:
+        return self.lines(f"copied '{user}/{name}' (")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"service exited with {self.proc.returncode}; log:\n{self.log()[-4000:]}"
+            )
+
+    def wait_log(self, needle: str, *, count: int = 1, timeout: float = 10.0) -> list[str]:
+        def found() -> list[str] | None:
+            self._check_alive()
+            got = self.lines(needle)
+            return got if len(got) >= count else None
+
+        try:
+            return wait_for(found, timeout=timeout, what=f"{count} log line(s) with {needle!r}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; log:\n{self.log()[-4000:]}") from None
+
+    def send(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.send(sig)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a test may have stopped it
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self._log_file.close()
+
+
+StartFn = Callable[..., Service]
+
+
+@pytest.fixture
+def start(tree: Tree) -> Iterator[StartFn]:
+    """`start(*flags, env=..., ready=True)` runs `session-watcher run` on `tree` (settle 0,
+    no periodic pass unless the flags say otherwise) and, with `ready`, waits for its
+    "ready" line. An `env` value of "" removes that variable. Every process started is
+    killed in teardown."""
+    started: list[Service] = []
+
+    def _start(*extra: str, env: dict[str, str] | None = None, ready: bool = True) -> Service:
+        argv = [
+            sys.executable,
+            "-m",
+            "session_watcher",
+            "run",
+            *tree.cli_args("--settle", "0", "--reconcile-interval", "0", *extra),
+        ]
+        log_path = tree.base / f"service-{len(started)}.log"
+        log_file = log_path.open("wb")
+        full_env = {k: v for k, v in cli_env(env).items() if v != ""}
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=full_env
+        )
+        svc = Service(proc, log_path, log_file)
+        started.append(svc)
+        if ready:
+            svc.wait_log("ready: watching", timeout=START_TIMEOUT)
+        return svc
+
+    yield _start
+    for svc in started:
+        svc.close()
+
+
+def stored_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def wait_stored(
+    tree: Tree, user: str | User, name: str, data: bytes, timeout: float = 10.0
+) -> None:
+    path = tree.stored(user, name)
+
+    def landed() -> bool:
+        return stored_bytes(path) == data
+
+    try:
+        wait_for(landed, timeout=timeout, what=f"{path} to hold the source's content")
+    except AssertionError:
+        got = stored_bytes(path)
+        raise AssertionError(
+            f"{path}: want {len(data)} bytes, have "
+            f"{'nothing' if got is None else f'{len(got)} bytes'}"
+        ) from None
+
+
+def temp_files(root: Path) -> list[Path]:
+    return sorted(root.rglob(".session-watcher.*.tmp")) if root.exists() else []
+
+
+COPY_LINE = re.compile(r"copied '([^']+)' \((\d+) bytes, ([\d.]+) ms after the event\)")
+
+
+def line(i: int, pad: int = 40) -> bytes:
+    return b'{"type":"assistant","i":%d,"text":"%s"}\n' % (i, b"x" * pad)
+
+
+# Writers run as the user: one process doing many open/append/close cycles, like
+# Claude Code's 100 ms flushes (O_APPEND, write, close), fast enough to make real bursts.
+APPENDER = r"""
+import os, sys, time
+paths, count = sys.argv[1].split(","), int(sys.argv[2])
+pad, every = int(sys.argv[3]), float(sys.argv[4])
+flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+for i in range(count):
+    fd = os.open(paths[i % len(paths)], flags, 0o600)
+    os.write(fd, b'{"type":"assistant","i":%d,"text":"%s"}\n' % (i, b"x" * pad))
+    os.close(fd)
+    if every:
+        time.sleep(every)
+"""
+
+
+def append_as(
+    u: User, paths: list[Path], count: int, *, pad: int = 40, every: float = 0.0
+) -> dict[Path, bytes]:
+    """Append `count` lines round-robin over `paths` as `u`, one open/write/close per line;
+    returns what each file gained."""
+    run_as(
+        u.uid,
+        u.gid,
+        [
+            sys.executable,
+            "-c",
+            APPENDER,
+            ",".join(map(str, paths)),
+            str(count),
+            str(pad),
+            str(every),
+        ],
+    )
+    gained: dict[Path, bytes] = {p: b"" for p in paths}
+    for i in range(count):
+        gained[paths[i % len(paths)]] += line(i, pad)
+    return gained
+
+
+# --- sd_notify ------------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address  # what goes into NOTIFY_SOCKET
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.messages: list[str] = []
+
+    def wait(self, prefix: str, *, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Receive until `count` datagrams hold a line starting with `prefix`; returns
+        every line received so far."""
+        deadline = time.monotonic() + timeout
+
+        def matches() -> int:
+            return sum(line_.startswith(prefix) for line_ in self.lines())
+
+        while matches() < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {prefix!r} within {timeout} s; got {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.messages.append(data.decode())
+        return self.lines()
+
+    def lines(self) -> list[str]:
+        return [line_ for m in self.messages for line_ in m.splitlines()]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_path(tree: Tree) -> Iterator[NotifySocket]:
+    # tree.base is short (/tmp/sw-test-...): sun_path holds only 108 bytes.
+    ns = NotifySocket(str(tree.base / "notify.sock"))
+    yield ns
+    ns.close()
+
+
+# --- copies triggered by events ---------------------------------------------------------------
+
+
+def test_close_copies_file_with_latency_logged(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    data = line(1) + line(2)
+    tree.write(alice, "a.jsonl", data)
+    wait_stored(tree, alice, "a.jsonl", data)
+    got = svc.wait_log("copied 'alice/a.jsonl'")
+    m = COPY_LINE.search(got[0])
+    assert m is not None, got
+    assert m.group(1) == "alice/a.jsonl" and int(m.group(2)) == len(data)
+    # The modes the service really produces (group-readable file, setgid directory).
+    st = tree.stored(alice, "a.jsonl").stat()
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o640, TEST_GID)
+    dst = tree.stored(alice, "a.jsonl").parent.stat()
+    assert (dst.st_mode & 0o7777, dst.st_gid) == (0o2770, TEST_GID)
+
+
+def test_rename_into_place(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    data = line(7) * 3
+    tmp = tree.write(alice, ".s.jsonl.XyZ12", data)  # rsync's temp name: not *.jsonl
+    run_as(alice.uid, alice.gid, ["mv", str(tmp), str(alice.sessions / "s.jsonl")])
+    wait_stored(tree, alice, "s.jsonl", data)
+    assert svc.copies("alice", "s.jsonl")
+    assert sorted(p.name for p in tree.stored(alice, "s.jsonl").parent.iterdir()) == ["s.jsonl"]
+
+
+def test_file_moved_in_from_another_directory(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    drafts = alice.home / "user" / "drafts"
+    run_as(alice.uid, alice.gid, ["mkdir", str(drafts)])
+    data = line(3)
+    write_as(alice.uid, alice.gid, drafts / "m.jsonl", data)
+    write_as(alice.uid, alice.gid, drafts / "empty.jsonl", b"")
+    svc = start()
+    # Only IN_MOVED_TO reaches the sessions watch (watchdog: FileCreatedEvent, no close).
+    run_as(alice.uid, alice.gid, ["mv", str(drafts / "m.jsonl"), str(alice.sessions)])
+    run_as(alice.uid, alice.gid, ["mv", str(drafts / "empty.jsonl"), str(alice.sessions)])
+    wait_stored(tree, alice, "m.jsonl", data)
+    assert COPY_LINE.search(svc.copies("alice", "m.jsonl")[0])
+    wait_stored(tree, alice, "empty.jsonl", b"")  # no close follows: lands all the same
+
+
+def test_burst_of_closes_coalesces_and_final_content_lands(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    path = alice.sessions / "burst.jsonl"
+    gained = append_as(alice, [path], 1000)
+    wait_stored(tree, alice, "burst.jsonl", gained[path])
+    copies = svc.copies("alice", "burst.jsonl")
+    assert 1 <= len(copies) <= 100, f"{len(copies)} copies for 1,000 closes"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads included."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_hot_large_transcript_copies_are_spaced(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    path = tree.write_fast(alice, "hot.jsonl", line(0, pad=20_000) * 1000)  # ~20 MB
+    base = path.read_bytes()
+    assert len(base) > 20_000_000
+    svc = start()
+    wait_stored(tree, alice, "hot.jsonl", base)
+    flushes = 30
+    cpu0, wall0 = cpu_seconds(svc.proc.pid), time.monotonic()
+    gained = append_as(alice, [path], flushes, pad=2000, every=0.1)  # ~3 s, like Claude Code
+    wait_stored(tree, alice, "hot.jsonl", base + gained[path])
+    cpu, wall = cpu_seconds(svc.proc.pid) - cpu0, time.monotonic() - wall0
+    live = [m for m in map(COPY_LINE.search, svc.copies("alice", "hot.jsonl")) if m]
+    # Never more than one copy per close (the initial pass's copy has no "ms after").
+    assert 1 <= len(live) <= flushes, f"{len(live)} event copies for {flushes} closes"
+    # Spacing keeps one hot file's copies to about a quarter of a core (2x margin here).
+    assert cpu <= 0.5 * wall, f"{cpu:.2f} s CPU in {wall:.2f} s for {len(live)} copies"
+
+
+def test_new_home_after_start_is_watched_and_copied(tree: Tree, start: StartFn) -> None:
+    tree.add_user("alice")
+    svc = start()
+    # As `useradd -m` then an admin would: created by root, handed over afterwards.
+    bob = tree.add_user("bob")
+    data = line(5)
+    tree.write(bob, "early.jsonl", data)
+    wait_stored(tree, bob, "early.jsonl", data, timeout=10.0)
+    svc.wait_log(f"watching '{bob.sessions}'")
+    later = line(6)
+    tree.write(bob, "later.jsonl", later)  # now by the live watch
+    wait_stored(tree, bob, "later.jsonl", later)
+    assert COPY_LINE.search(svc.copies("bob", "later.jsonl")[0])
+
+
+def test_late_sessions_directory_is_watched_and_copied(tree: Tree, start: StartFn) -> None:
+    carol = tree.add_user("carol", sessions_dir=False)
+    svc = start()
+    # Nested below the home: no home-root event, so the periodic rescan (5 s) finds it.
+    run_as(carol.uid, carol.gid, ["mkdir", "-p", "-m", "700", str(carol.sessions)])
+    tree.write(carol, "first.jsonl", line(1))
+    wait_stored(tree, carol, "first.jsonl", line(1), timeout=10.0)
+    svc.wait_log(f"watching '{carol.sessions}'")
+
+
+def test_sessions_dir_deleted_and_recreated(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    tree.write(alice, "one.jsonl", line(1))
+    wait_stored(tree, alice, "one.jsonl", line(1))
+    shutil.rmtree(alice.sessions)
+    svc.wait_log("sessions directory of 'alice' went or changed")
+    run_as(alice.uid, alice.gid, ["mkdir", "-m", "700", str(alice.sessions)])
+    tree.write(alice, "two.jsonl", line(2))
+    wait_stored(tree, alice, "two.jsonl", line(2), timeout=10.0)
+    svc.wait_log(f"watching '{alice.sessions}'", count=2)
+    tree.write(alice, "three.jsonl", line(3))
+    wait_stored(tree, alice, "three.jsonl", line(3))
+    assert stored_bytes(tree.stored(alice, "one.jsonl")) == line(1)  # the store is an archive
+
+
+def test_kernel_queue_overflow_is_detected_and_repaired(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    events = max(30_000, limit + limit // 2)
+    files = [alice.sessions / f"f{i:02d}.jsonl" for i in range(50)]
+    svc = start()
+    svc.send(signal.SIGSTOP)
+    try:
+        # Round-robin: the kernel merges an event identical to the one queued just before.
+        gained = append_as(alice, files, events, pad=10)
+    finally:
+        svc.send(signal.SIGCONT)
+    for path in files:
+        wait_stored(tree, alice, path.name, gained[path], timeout=10.0)
+    svc.wait_log("inotify queue overflowed")
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_exits_0_without_temp_files(
+    tree: Tree, start: StartFn, sig: signal.Signals
+) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    for i in range(3):  # big enough that a copy is likely in flight at the signal
+        tree.write_fast(alice, f"big{i}.jsonl", line(i, pad=4000) * 1000)
+    svc.wait_log("copied 'alice/big0.jsonl'")
+    assert svc.stop(sig) == 0
+    assert svc.lines("session_watcher.service: stopped")
+    assert temp_files(tree.target) == []
+
+
+def test_sighup_runs_a_full_pass(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    tree.write(alice, "held.jsonl", line(1))
+    svc = start()
+    wait_stored(tree, alice, "held.jsonl", line(1))
+    # A writer that has not closed yet: no IN_CLOSE_WRITE, so only a pass can see it.
+    fd = os.open(tree.source(alice, "held.jsonl"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line(2))
+        passes = len(svc.lines("pass done"))
+        assert stored_bytes(tree.stored(alice, "held.jsonl")) == line(1)
+        svc.send(signal.SIGHUP)
+        svc.wait_log("SIGHUP: starting a full pass")
+        svc.wait_log("pass done", count=passes + 1)
+        wait_stored(tree, alice, "held.jsonl", line(1) + line(2))
+    finally:
+        os.close(fd)
+    assert svc.proc.poll() is None  # SIGHUP does not stop it
+
+
+def test_signal_handler_takes_no_lock(tree: Tree) -> None:
+    """A handler runs between two bytecodes of the main thread, which may hold the
+    service's lock (or be inside the handler already): it must only record the signal."""
+    svc = ServiceObject(tree.config(), environ={})
+    svc.watcher.start()  # watchdog's inotify thread exists from construction on
+    try:
+
+        def signals_while_locked() -> None:
+            with svc._lock:
+                svc._signal(signal.SIGHUP, None)
+                svc._signal(signal.SIGTERM, None)
+
+        t = threading.Thread(target=signals_while_locked, daemon=True)
+        t.start()
+        t.join(5.0)
+        assert not t.is_alive(), "the signal handler blocked on the service's lock"
+        assert svc._stop.is_set()  # seen at once, e.g. by the initial pass
+        svc._take_signals()  # what the control loop does next
+        assert svc._pass_asked and svc._pass_users is None
+    finally:
+        svc.watcher.stop()
+
+
+# --- sd_notify ----------------------------------------------------------------------------------
+
+
+def test_notify_ready_watchdog_stopping(
+    tree: Tree, start: StartFn, notify_path: NotifySocket
+) -> None:
+    alice = tree.add_user("alice")
+    tree.write(alice, "before.jsonl", line(1))
+    env = {"NOTIFY_SOCKET": notify_path.address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": ""}
+    svc = start(env=env, ready=False)
+    notify_path.wait("READY=1", timeout=START_TIMEOUT)
+    # READY=1 comes after the initial pass: what was there at start is in the store.
+    assert stored_bytes(tree.stored(alice, "before.jsonl")) == line(1)
+    notify_path.wait("WATCHDOG=1", count=3)  # every 100 ms
+    notify_path.wait("STATUS=watching 1 users")
+    assert svc.stop() == 0
+    msgs = notify_path.wait("STOPPING=1")
+    assert msgs.index("READY=1") < msgs.index("STOPPING=1")
+
+
+def test_notify_abstract_socket_address(tree: Tree, start: StartFn) -> None:
+    tree.add_user("alice")
+    ns = NotifySocket(f"@sw-test-{uuid.uuid4().hex}")
+    try:
+        svc = start(env={"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": ""}, ready=False)
+        ns.wait("READY=1", timeout=START_TIMEOUT)
+        assert svc.stop() == 0
+        ns.wait("STOPPING=1")
+        # No WATCHDOG_USEC: no pings.
+        assert "WATCHDOG=1" not in ns.lines()
+    finally:
+        ns.close()
+
+
+# --- hostile input and failures -------------------------------------------------------------------
+
+
+def test_hostile_files_created_live_are_refused(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    secret = tree.base / "secret"
+    secret.write_bytes(b"TOP SECRET\n")
+    secret.chmod(0o600)
+    svc = start()
+    run_as(alice.uid, alice.gid, ["ln", "-s", str(secret), str(alice.sessions / "evil.jsonl")])
+    run_as(alice.uid, alice.gid, ["mkfifo", str(alice.sessions / "f.jsonl")])
+    svc.wait_log("refused 'alice/evil.jsonl': a symlink")
+    svc.wait_log("refused 'alice/f.jsonl': a FIFO")
+    assert all(line_.split()[2] == "WARNING" for line_ in svc.lines("refused 'alice/"))
+    tree.write(alice, "good.jsonl", line(9))  # still serving
+    wait_stored(tree, alice, "good.jsonl", line(9))
+    store_dir = tree.stored(alice, "good.jsonl").parent
+    assert sorted(p.name for p in store_dir.iterdir()) == ["good.jsonl"]
+    for p in tree.target.rglob("*"):
+        assert p.is_dir() or b"TOP SECRET" not in p.read_bytes()
+
+
+def test_copy_error_does_not_stop_later_copies(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    tree.write(alice, "a.jsonl", line(1))
+    wait_stored(tree, alice, "a.jsonl", line(1))
+    # Plant a symlink in place of the store's user directory: every copy now fails.
+    user_dir = tree.stored(alice, "a.jsonl").parent
+    decoy = tree.base / "decoy"
+    decoy.mkdir()
+    shutil.rmtree(user_dir)
+    user_dir.symlink_to(decoy)
+    tree.write(alice, "b.jsonl", line(2))
+    failed = svc.wait_log("failed 'alice/b.jsonl'")
+    assert " ERROR " in failed[0]
+    assert list(decoy.iterdir()) == []  # never followed
+    user_dir.unlink()
+    tree.write(alice, "c.jsonl", line(3))
+    wait_stored(tree, alice, "c.jsonl", line(3))
+    tree.write(alice, "b.jsonl", line(4), append=True)
+    wait_stored(tree, alice, "b.jsonl", line(2) + line(4))
+    assert list(decoy.iterdir()) == []
+
+
+def test_missing_home_root_exits_2_with_one_line(tree: Tree) -> None:
+    missing = tree.base / "nope"
+    r = run_cli("run", "--home-root", str(missing), "--target", str(tree.target))
+    assert r.returncode == 2
+    assert len(r.stderr.splitlines()) == 1 and str(missing) in r.stderr, r.stderr
+    assert not tree.target.exists()

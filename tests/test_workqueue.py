@@ -1,0 +1,212 @@
+"""The per-file coalescing queue: at most one run in flight and one pending per key, the
+earliest trigger kept, adaptive spacing, a failing handler that does not kill a worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable, Iterator
+
+import pytest
+from helpers import wait_for
+
+from session_watcher.workqueue import WorkQueue
+
+
+class Recorder:
+    """A handler that records its calls; `hold` makes calls for a key block until released."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Hashable, float | None, float, float]] = []
+        self.lock = threading.Lock()
+        self.held: dict[Hashable, threading.Event] = {}
+        self.entered: dict[Hashable, threading.Event] = {}
+        self.cost = 0.0
+        self.again: float | None = None
+        self.fail: set[Hashable] = set()
+
+    def hold(self, key: Hashable) -> None:
+        self.held[key] = threading.Event()
+        self.entered[key] = threading.Event()
+
+    def release(self, key: Hashable) -> None:
+        self.held.pop(key).set()
+
+    def __call__(self, key: Hashable, trigger: float | None) -> float | None:
+        started = time.monotonic()
+        if key in self.entered:
+            self.entered[key].set()
+        gate = self.held.get(key)
+        if gate is not None:
+            gate.wait(10)
+        if self.cost:
+            time.sleep(self.cost)  # the handler's own work, not a wait for a condition
+        with self.lock:
+            self.calls.append((key, trigger, started, time.monotonic()))
+        if key in self.fail:
+            raise RuntimeError(f"boom {key}")
+        again, self.again = self.again, None
+        return again
+
+    def count(self, key: Hashable) -> int:
+        with self.lock:
+            return sum(1 for c in self.calls if c[0] == key)
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def queue(rec: Recorder) -> Iterator[WorkQueue]:
+    q = WorkQueue(rec, workers=2, spacing=0.0)
+    q.start()
+    yield q
+    for gate in rec.held.values():
+        gate.set()
+    assert q.stop(5.0)
+
+
+def test_one_run_per_submit_when_idle(queue: WorkQueue, rec: Recorder) -> None:
+    queue.submit("a", trigger=1.0)
+    wait_for(lambda: rec.count("a") == 1, what="a handled")
+    assert rec.calls[0][:2] == ("a", 1.0)
+    wait_for(queue.idle, what="queue idle")
+
+
+def test_burst_while_running_coalesces_into_one_more_run(queue: WorkQueue, rec: Recorder) -> None:
+    rec.hold("a")
+    queue.submit("a", trigger=1.0)
+    assert rec.entered["a"].wait(5)
+    for i in range(1000):
+        queue.submit("a", trigger=10.0 + i)
+    rec.release("a")
+    wait_for(queue.idle, what="queue idle")
+    assert rec.count("a") == 2
+    assert rec.calls[1][1] == 10.0  # the earliest trigger of the burst
+
+
+def test_earliest_trigger_is_kept(queue: WorkQueue, rec: Recorder) -> None:
+    rec.hold("a")
+    queue.submit("a")
+    assert rec.entered["a"].wait(5)
+    for trigger in (5.0, 3.0, 7.0, None):
+        queue.submit("a", trigger=trigger)
+    rec.release("a")
+    wait_for(lambda: rec.count("a") == 2, what="second run")
+    assert rec.calls[1][1] == 3.0
+
+
+def test_keys_run_in_parallel(queue: WorkQueue, rec: Recorder) -> None:
+    rec.hold("a")
+    rec.hold("b")
+    queue.submit("a")
+    queue.submit("b")
+    assert rec.entered["a"].wait(5) and rec.entered["b"].wait(5)  # both in flight at once
+    rec.release("a")
+    rec.release("b")
+    wait_for(queue.idle, what="queue idle")
+
+
+def test_delay_is_honoured_and_an_earlier_submit_supersedes_it(
+    queue: WorkQueue, rec: Recorder
+) -> None:
+    t0 = time.monotonic()
+    queue.submit("late", delay=0.3)
+    wait_for(lambda: rec.count("late") == 1, what="delayed run")
+    assert rec.calls[0][2] - t0 >= 0.29
+    queue.submit("x", delay=30.0)
+    queue.submit("x", trigger=2.0)  # a close after a deferred create: runs now
+    wait_for(lambda: rec.count("x") == 1, what="superseding run")
+    wait_for(queue.idle, what="nothing left pending (the 30 s request was absorbed)")
+    assert rec.count("x") == 1
+
+
+def test_handler_asks_to_run_again(queue: WorkQueue, rec: Recorder) -> None:
+    rec.again = 0.05  # a held-back tail: look again later
+    queue.submit("a")
+    wait_for(lambda: rec.count("a") == 2, what="rerun after the delay the handler asked for")
+    first_end, second_start = rec.calls[0][3], rec.calls[1][2]
+    assert second_start - first_end >= 0.04
+
+
+def test_spacing_waits_a_multiple_of_the_last_cost(rec: Recorder) -> None:
+    q = WorkQueue(rec, workers=1, spacing=3.0)
+    q.start()
+    try:
+        rec.cost = 0.05
+        q.submit("hot")
+        wait_for(lambda: rec.count("hot") == 1, what="first run")
+        q.submit("hot")
+        q.submit("cold")  # another key is not held back by hot's spacing
+        wait_for(lambda: rec.count("hot") == 2 and rec.count("cold") == 1, what="runs")
+        first, second = [c for c in rec.calls if c[0] == "hot"]
+        cold = next(c for c in rec.calls if c[0] == "cold")
+        cost = first[3] - first[2]
+        assert second[2] - first[3] >= 3.0 * cost * 0.95
+        assert cold[2] < second[2]
+    finally:
+        assert q.stop(5.0)
+
+
+def test_a_failing_handler_does_not_kill_the_worker(
+    queue: WorkQueue, rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec.fail.add("bad")
+    queue.submit("bad")
+    wait_for(lambda: rec.count("bad") == 1, what="bad handled")
+    for key in ("ok1", "ok2", "ok3"):
+        queue.submit(key)
+    wait_for(lambda: all(rec.count(k) == 1 for k in ("ok1", "ok2", "ok3")), what="later keys")
+    assert queue.alive()
+    assert any("unexpected error handling 'bad'" in r.getMessage() for r in caplog.records)
+
+
+def test_stop_drops_pending_work_and_refuses_new(rec: Recorder) -> None:
+    q = WorkQueue(rec, workers=1, spacing=0.0)
+    q.start()
+    rec.hold("a")
+    q.submit("a")
+    assert rec.entered["a"].wait(5)
+    q.submit("a")  # pending behind the running one
+    q.submit("b", delay=60.0)
+    stopper = threading.Thread(target=q.stop, args=(5.0,))
+    stopper.start()
+    rec.release("a")  # the running job finishes ...
+    stopper.join(10)
+    assert not stopper.is_alive() and not q.alive()
+    assert rec.count("a") == 1 and rec.count("b") == 0  # ... the pending ones are dropped
+    q.submit("c")
+    assert rec.count("c") == 0 and q.stop(1.0)
+
+
+def test_stop_reports_a_job_that_outlives_the_timeout(rec: Recorder) -> None:
+    q = WorkQueue(rec, workers=1, spacing=0.0)
+    q.start()
+    rec.hold("slow")
+    q.submit("slow")
+    assert rec.entered["slow"].wait(5)
+    assert q.stop(0.05) is False
+    rec.release("slow")
+    assert q.stop(5.0) is True
+
+
+def test_prune_forgets_idle_keys_only(rec: Recorder) -> None:
+    now = [100.0]
+    q = WorkQueue(rec, workers=1, spacing=0.0, clock=lambda: now[0])
+    q.start()
+    try:
+        q.submit("old")
+        wait_for(lambda: rec.count("old") == 1, what="old handled")
+        wait_for(q.idle, what="queue idle")
+        rec.hold("busy")
+        q.submit("busy")
+        assert rec.entered["busy"].wait(5)
+        now[0] += 120.0
+        q.prune(older_than=60.0)
+        assert len(q) == 1  # "busy" is running: kept
+        rec.release("busy")
+        wait_for(q.idle, what="queue idle")
+    finally:
+        assert q.stop(5.0)
