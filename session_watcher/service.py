@@ -46,6 +46,10 @@ DEGRADED_SECONDS = 30.0  # fallback scan of directories that could not be watche
 PUBLISH_SECONDS = 1.0  # state file at most this often (when it changed)
 HEARTBEAT_SECONDS = 15.0  # ... and at least this often, so a reader can tell it is alive
 STOP_SECONDS = 10.0  # in-flight copies may finish within this on SIGTERM
+# A failed copy (ENOSPC, EIO, ...) is tried again after 2 s, then 4, 8, ... up to a minute:
+# a session that went idle while the store was full still lands once space is back.
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 60.0
 
 
 @dataclass
@@ -125,6 +129,7 @@ class Service:
         self._refused: dict[str, str] = {}
         self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
         self.queue = WorkQueue(self._copy, workers=config.workers)
+        self._failed: dict[Hashable, int] = {}  # key -> consecutive failed copies
         self.watcher = Watcher(config, self._on_file, self._on_change)
         self.overflow = OverflowDetector(self._on_overflow)
         self._pass_thread = threading.Thread(target=self._passes, name="pass", daemon=True)
@@ -180,8 +185,12 @@ class Service:
         user, name = key[0], key[1]
         result = self._copy_one(user, name, trigger)
         if result is None:
+            self._retry_after(key, None)
             return None
         self._count(result)
+        retry = self._retry_after(key, result)
+        if retry is not None:
+            return retry
         if result.recheck_at is not None:
             return max(0.0, result.recheck_at - time.time())
         return None
@@ -226,6 +235,15 @@ class Service:
                 os.close(source.fd)
             close_quietly(home_fd)
 
+    def _retry_after(self, key: Hashable, result: Result | None) -> float | None:
+        """Seconds until a failed copy is tried again (None: it did not fail)."""
+        with self._lock:
+            if result is None or result.outcome is not Outcome.FAILED:
+                self._failed.pop(key, None)
+                return None
+            n = self._failed[key] = self._failed.get(key, 0) + 1
+        return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2.0 ** min(n - 1, 16))
+
     def _count(self, result: Result) -> None:
         self.metrics.record(result)
         with self._lock:
@@ -242,8 +260,12 @@ class Service:
 
     def _on_pass_result(self, source: SourceDir, name: str, result: Result) -> None:
         self._count(result)
-        if result.recheck_at is not None:
-            self.queue.submit((source.user, name), delay=max(0.0, result.recheck_at - time.time()))
+        key = (source.user, name)
+        retry = self._retry_after(key, result)
+        if retry is not None:
+            self.queue.submit(key, delay=retry)
+        elif result.recheck_at is not None:
+            self.queue.submit(key, delay=max(0.0, result.recheck_at - time.time()))
 
     def run_pass(self, users: set[str] | None) -> PassStats:
         if users is None:
@@ -320,8 +342,11 @@ class Service:
         for user in list(self._degraded):
             if user not in found:
                 self._degraded.discard(user)
+        # One copy of the watched set, not one per home: at 5,000 homes a lookup per home
+        # rebuilt the whole map each time (25 M steps every 5 s poll, 20% of a core idle).
+        current = self.watcher.users()
         for user, ident in found.items():
-            if user in self.watcher.users() or user in self._degraded:
+            if user in current or user in self._degraded:
                 continue
             if self.watcher.add(user, ident):
                 log.info("watching %s", escape(self.watcher.sessions_path(user)))

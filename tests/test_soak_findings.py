@@ -5,15 +5,17 @@ Each test names its finding; all run in a second or two under plain `make test`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from helpers import TEST_GID, Tree, wait_for
+from helpers import TEST_GID, Tree, cli_env, root_only, wait_for, write_as
 
 from session_watcher import copy as copy_mod
 from session_watcher.copy import SourceDir, sync_file
@@ -118,3 +120,54 @@ def test_copy_holds_the_lock_on_its_temp_file_until_the_rename(tree: Tree) -> No
     assert result.outcome.value == "copied"
     assert tree.stored("alice", "s.jsonl").read_bytes() == LINE * 100
     wait_for(lambda: _temps(tree.target / "alice") == [], timeout=1, what="no temp file")
+
+
+# --- finding 2: a copy that failed (ENOSPC) was never retried without a new event ----------
+
+
+def _start_service(tree: Tree, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tree.base / "service.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_watcher", "run", *tree.cli_args(*extra)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=cli_env(),
+        )
+    wait_for(lambda: b"ready" in log.read_bytes(), timeout=15, what="the service to be ready")
+    return proc, log
+
+
+@root_only
+def test_copy_failed_on_a_full_store_is_retried_once_space_is_back(
+    tree: Tree, tmpfs: Callable[[Path, str], Path]
+) -> None:
+    """Soak: a session that went idle while the store was full (ENOSPC) stayed out of
+    the store until the next full pass (10 min by default; never with
+    --reconcile-interval 0), although the disk was freed seconds later. A failed copy is
+    now retried with a backoff (2 s, doubling up to a minute) until it lands."""
+    user = tree.add_user("alice")
+    tmpfs(tree.target, "1m")
+    proc, log = _start_service(
+        tree, "--reconcile-interval", "0", "--settle", "0", "--state-file", str(tree.base / "s")
+    )
+    filler = tree.target / ".filler"
+    try:
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        data = LINE * 2000  # 64 KB: cannot fit
+        write_as(user.uid, user.gid, user.sessions / "s.jsonl", data)
+        wait_for(lambda: b"No space left" in log.read_bytes(), what="the copy to fail")
+        filler.unlink()
+        stored = tree.stored("alice", "s.jsonl")
+        wait_for(
+            lambda: stored.exists() and stored.read_bytes() == data,
+            timeout=15,
+            what="the failed copy to be retried",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
