@@ -26,6 +26,16 @@ lint: $(STAMP)
 demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies landing, a clean stop
 	$(BIN)/python demo/demo.py
 
+# --- make soak / make soak-quick (as root) ------------------------------------------------
+# The real service under load, kill -9, inotify overflow, ENOSPC, churn and attacks at once;
+# prints one figures line and fails on any lost, torn or leaked transcript. Knobs:
+# SOAK_SECONDS (180), SOAK_USERS (40), SOAK_SEED (printed by every run, to replay one).
+soak: $(STAMP)  ## the full soak (about SOAK_SECONDS + 30 s)
+	$(BIN)/python tests/soak/soak.py
+
+soak-quick: $(STAMP)  ## the CI soak, about 30 s
+	SOAK_SECONDS=$${SOAK_SECONDS:-30} $(BIN)/python tests/soak/soak.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
