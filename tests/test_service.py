@@ -268,7 +268,7 @@ def test_rename_into_place(tree: Tree, start: StartFn) -> None:
     tmp = tree.write(alice, ".s.jsonl.XyZ12", data)  # rsync's temp name: not *.jsonl
     run_as(alice.uid, alice.gid, ["mv", str(tmp), str(alice.sessions / "s.jsonl")])
     wait_stored(tree, alice, "s.jsonl", data)
-    assert svc.copies("alice", "s.jsonl")
+    svc.wait_log("copied 'alice/s.jsonl'")  # logged just after the rename into the store
     assert sorted(p.name for p in tree.stored(alice, "s.jsonl").parent.iterdir()) == ["s.jsonl"]
 
 
@@ -284,7 +284,7 @@ def test_file_moved_in_from_another_directory(tree: Tree, start: StartFn) -> Non
     run_as(alice.uid, alice.gid, ["mv", str(drafts / "m.jsonl"), str(alice.sessions)])
     run_as(alice.uid, alice.gid, ["mv", str(drafts / "empty.jsonl"), str(alice.sessions)])
     wait_stored(tree, alice, "m.jsonl", data)
-    assert COPY_LINE.search(svc.copies("alice", "m.jsonl")[0])
+    assert COPY_LINE.search(svc.wait_log("copied 'alice/m.jsonl'")[0])
     wait_stored(tree, alice, "empty.jsonl", b"")  # no close follows: lands all the same
 
 
@@ -294,6 +294,7 @@ def test_burst_of_closes_coalesces_and_final_content_lands(tree: Tree, start: St
     path = alice.sessions / "burst.jsonl"
     gained = append_as(alice, [path], 1000)
     wait_stored(tree, alice, "burst.jsonl", gained[path])
+    svc.wait_log("copied 'alice/burst.jsonl'")
     copies = svc.copies("alice", "burst.jsonl")
     assert 1 <= len(copies) <= 100, f"{len(copies)} copies for 1,000 closes"
 
@@ -316,6 +317,7 @@ def test_hot_large_transcript_copies_are_spaced(tree: Tree, start: StartFn) -> N
     gained = append_as(alice, [path], flushes, pad=2000, every=0.1)  # ~3 s, like Claude Code
     wait_stored(tree, alice, "hot.jsonl", base + gained[path])
     cpu, wall = cpu_seconds(svc.proc.pid) - cpu0, time.monotonic() - wall0
+    svc.wait_log("ms after the event)")
     live = [m for m in map(COPY_LINE.search, svc.copies("alice", "hot.jsonl")) if m]
     # Never more than one copy per close (the initial pass's copy has no "ms after").
     assert 1 <= len(live) <= flushes, f"{len(live)} event copies for {flushes} closes"
@@ -335,7 +337,7 @@ def test_new_home_after_start_is_watched_and_copied(tree: Tree, start: StartFn) 
     later = line(6)
     tree.write(bob, "later.jsonl", later)  # now by the live watch
     wait_stored(tree, bob, "later.jsonl", later)
-    assert COPY_LINE.search(svc.copies("bob", "later.jsonl")[0])
+    assert COPY_LINE.search(svc.wait_log("copied 'bob/later.jsonl'")[0])
 
 
 def test_late_sessions_directory_is_watched_and_copied(tree: Tree, start: StartFn) -> None:
@@ -404,7 +406,7 @@ def test_stop_signal_exits_0_without_temp_files(
     alice = tree.add_user("alice")
     svc = start()
     for i in range(3):  # big enough that a copy is likely in flight at the signal
-        tree.write_fast(alice, f"big{i}.jsonl", line(i, pad=4000) * 1000)
+        tree.write(alice, f"big{i}.jsonl", line(i, pad=4000) * 1000)  # as alice: hers
     svc.wait_log("copied 'alice/big0.jsonl'")
     assert svc.stop(sig) == 0
     assert svc.lines("session_watcher.service: stopped")
