@@ -71,6 +71,9 @@ class Result:
     latency: float | None = None
 
 
+_SKIPPED = Result(Outcome.SKIPPED)  # frozen: one instance serves every up-to-date file
+
+
 # --- pure decisions ---------------------------------------------------------------------
 
 
@@ -216,6 +219,15 @@ def sync_file(
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
     the event that asked for this copy, for the latency in the log line.
     """
+    # The no-op path of a pass: the scan's lstat already says the store is up to date.
+    # No lock, no retry loop, one shared Result: this is 100,000 calls in a pass over
+    # 1,000 users, and the overhead around the two stat calls was 40% of its time.
+    if (
+        lstat is not None
+        and refusal(lstat, source.uid, config.max_file_bytes) is None
+        and is_up_to_date(lstat, store.lstat(name))
+    ):
+        return _SKIPPED
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
