@@ -223,6 +223,12 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a CLI subprocess: ours minus any SESSION_WATCHER_* setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.pop("JOURNAL_STREAM", None)
+    # Never the real /run/session-watcher/state.json: on a host running the service, a test
+    # would overwrite (or `status` would read) the live one. This directory does not exist,
+    # which is also what the default is like on a machine without the unit.
+    env[ENV_PREFIX + "STATE_FILE"] = os.path.join(
+        tempfile.gettempdir(), f"session-watcher-tests-{os.getpid()}-absent", "state.json"
+    )
     env.update(extra or {})
     return env
 
