@@ -36,6 +36,14 @@ soak: $(STAMP)  ## the full soak (about SOAK_SECONDS + 30 s)
 soak-quick: $(STAMP)  ## the CI soak, about 30 s
 	SOAK_SECONDS=$${SOAK_SECONDS:-30} $(BIN)/python tests/soak/soak.py
 
+# Benchmarks against the peers (issue 4). As root, installs rsync/lsyncd/inotify-tools when
+# missing; trees go under $$BENCH_DIR (default /var/tmp) and are removed at the end.
+bench: $(STAMP)  ## full benchmark (< 15 min on 2 cores): prints the table, writes bench/results.md
+	$(BIN)/python -m bench --out bench/results.md
+
+bench-quick: $(STAMP)  ## smoke test of the benchmark harness (< 2 min); its figures mean nothing
+	$(BIN)/python -m bench --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
