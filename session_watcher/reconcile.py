@@ -14,7 +14,7 @@ from typing import Any
 from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
 from .homes import Home, is_session_name, list_homes, walk_user
-from .safefs import Refused, close_quietly, escape, open_root_dir
+from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
 
 __all__ = ["PassStats", "Progress", "reconcile", "store_for"]
@@ -117,6 +117,7 @@ def reconcile(
                 total = len(homes)
                 progress(Progress(0, total, 0))
                 on_result = _with_progress(on_result, progress, stats, total)
+            visited: set[str] = set()
             for home in homes:
                 if stop is not None and stop.is_set():
                     break
@@ -128,6 +129,7 @@ def reconcile(
                         stats.homes_done += 1
                         progress(Progress(stats.homes_done, total, stats.bytes_copied))
                     continue
+                visited.add(home.name)
                 try:
                     if _pass_user(
                         config, store, store_fd, source, dry_run, now(), stats, on_result
@@ -138,6 +140,8 @@ def reconcile(
                     if progress is not None:
                         stats.homes_done += 1
                         progress(Progress(stats.homes_done, total, stats.bytes_copied))
+            if only is None and store_fd is not None and not (stop and stop.is_set()):
+                _sweep_other_store_dirs(store, store_fd, visited)
         finally:
             close_quietly(store_fd)
     finally:
@@ -170,6 +174,32 @@ def _with_progress(
             progress(Progress(stats.homes_done, total, stats.bytes_copied))
 
     return both
+
+
+def _sweep_other_store_dirs(store: Store, store_fd: int, visited: set[str]) -> None:
+    """Temp files a crash left in store directories whose home is gone or was renamed
+    (the store is an archive: those directories stay, and no user's pass visits them)."""
+    if store.dry_run:
+        return
+    try:
+        with os.scandir(store_fd) as it:
+            names = [
+                e.name for e in it if e.name not in visited and e.is_dir(follow_symlinks=False)
+            ]
+    except OSError as e:
+        log.error("could not list the store: %s", e)
+        return
+    for name in names:
+        try:
+            fd, _ = open_dir_at(store_fd, name)
+        except (Refused, OSError):
+            continue  # gone, or a planted symlink: never followed
+        try:
+            store.remove_stale_temps(fd, name)
+        except OSError as e:
+            log.error("store directory of %s: %s", escape(name), e)
+        finally:
+            os.close(fd)
 
 
 def _pass_user(

@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import TEST_GID, Tree, cli_env, root_only, wait_for, write_as
 
 from session_watcher import copy as copy_mod
+from session_watcher import store as store_mod
 from session_watcher.copy import SourceDir, sync_file
+from session_watcher.reconcile import reconcile
 from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX, Store, UserStore
 
 LINE = b'{"type":"user","text":"hello"}\n'
@@ -171,3 +174,30 @@ def test_copy_failed_on_a_full_store_is_retried_once_space_is_back(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+# --- finding 3: a crash's temp file in the store directory of a renamed home stayed --------
+
+
+def test_temp_left_under_a_renamed_homes_old_store_dir_goes_with_a_full_pass(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak's kill-then-rename: the service dies mid-copy of alice's file and her home
+    is renamed before it is back. Her old store directory (an archive, kept) held the dead
+    copy's temp file, and no pass ever looked there again: each pass only swept the store
+    directories of the homes it walked. A full pass now sweeps the others too."""
+    tree.add_user("alice2")
+    tree.write("alice2", "s.jsonl", LINE)
+    old = tree.target / "alice"
+    old.mkdir(parents=True)
+    (old / "kept.jsonl").write_bytes(LINE)
+    orphan = old / f"{TEMP_PREFIX}00000000000000cd.tmp"
+    orphan.write_bytes(b"half a cop")
+    monkeypatch.setattr(store_mod, "ORPHAN_TEMP_SECONDS", -1.0)  # instead of waiting 10 s
+    reconcile(tree.config(), only=["alice2"])
+    assert orphan.exists()  # a pass limited to some homes leaves the others alone
+    stats = reconcile(tree.config())
+    assert stats.files_failed == 0
+    assert not orphan.exists()
+    assert (old / "kept.jsonl").read_bytes() == LINE  # the archive itself is kept
+    assert tree.stored("alice2", "s.jsonl").read_bytes() == LINE
