@@ -195,6 +195,7 @@ class Soak:
         self.notes: list[tuple[float, int, str]] = []
         self.notify_sock: socket.socket | None = None
         self.big_closed = threading.Event()
+        self.big_user: User | None = None
         # figures
         self.appends = 0
         self.kills = 0
@@ -469,6 +470,7 @@ class Soak:
             with self.fig_lock:
                 self.appends += 1
             if len(s.data) > 4 << 20:
+                self.big_user = u
                 self.big_closed.set()
         if len(s.data) > (RSYNC_CAP if s.rsync else SESSION_CAP) and s in u.active:
             u.active.remove(s)  # goes idle
@@ -604,6 +606,7 @@ class Soak:
     def chaos(self) -> None:
         rng = random.Random(self.seed + 2)
         must = ["kill", "kill-mid-copy", "overflow", "enospc", "new-home", "recreate", "rename"]
+        must.append("kill-then-rename")
         rng.shuffle(must)
         weights = {
             "kill": 4,
@@ -613,6 +616,7 @@ class Soak:
             "new-home": 1,
             "recreate": 1,
             "rename": 1,
+            "kill-then-rename": 1,
         }
         gap = (2.0, 6.0) if self.seconds >= 90 else (1.0, 3.0)
         if self.stop.wait(rng.uniform(*gap)):
@@ -727,11 +731,17 @@ class Soak:
             os.chown(d, u.uid, u.uid)
         self.churn += 1
 
-    def do_rename(self, rng: random.Random) -> None:
+    def do_kill_then_rename(self, rng: random.Random) -> None:
+        """The service dies copying a user's big file, whose home is renamed before it is
+        back (its store directory under the old name keeps what the crash left there)."""
+        self.do_kill_mid_copy(rng)
+        self.do_rename(rng, self.big_user)
+
+    def do_rename(self, rng: random.Random, who: User | None = None) -> None:
         live = [u for u in self.users if u.exists.is_set()]
         if not live:
             return
-        u = rng.choice(live)
+        u = who if who is not None and who.exists.is_set() else rng.choice(live)
         with u.lock:
             new = f"u{u.index:03d}r{self.next_id()}"
             os.rename(self.home_root / u.name, self.home_root / new)
