@@ -19,12 +19,9 @@ test: $(STAMP)  ## the whole suite
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check session_watcher tests bench
-	$(BIN)/ruff format --check session_watcher tests bench
+	$(BIN)/ruff check session_watcher tests bench demo
+	$(BIN)/ruff format --check session_watcher tests bench demo
 	$(BIN)/mypy
-
-demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies landing, a clean stop
-	$(BIN)/python demo/demo.py
 
 # --- make soak / make soak-quick (as root) ------------------------------------------------
 # The real service under load, kill -9, inotify overflow, ENOSPC, churn and attacks at once;
@@ -43,6 +40,9 @@ bench: $(STAMP)  ## full benchmark (< 15 min on 2 cores): prints the table, writ
 
 bench-quick: $(STAMP)  ## smoke test of the benchmark harness (< 2 min); its figures mean nothing
 	$(BIN)/python -m bench --quick
+
+demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies landing, a clean stop
+	$(BIN)/python demo/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
