@@ -8,12 +8,14 @@ session-watcher reconcile) are timed with wait4(), which also gives their peak R
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,17 +63,45 @@ def proc_status(pid: int, key: str) -> str:
     raise KeyError(key)
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+_subreaper = False
+
+
+def _become_subreaper() -> None:
+    global _subreaper
+    if not _subreaper:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        _subreaper = True
+
+
 def timed(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, int]:
-    """Run to completion; (wall seconds, peak RSS in KiB of the largest process)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert p.stderr is not None
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.monotonic() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} exited {p.returncode}: {err[-500:].decode(errors='replace')}")
+    """Run to completion; (wall seconds, peak RSS in KiB of the largest process).
+
+    Why the detour through `sh ... &`: a child forked from this (large) Python process
+    keeps its RSS as the floor of ru_maxrss even after exec, so every tool would report
+    at least the harness's own size. The command is started in the background by a small
+    shell that exits at once; as a child subreaper we inherit the command and wait4() it,
+    and its ru_maxrss starts from the shell's ~1 MB."""
+    _become_subreaper()
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        sh = subprocess.run(
+            ["sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *cmd],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            check=True,
+        )
+        pid = int(sh.stdout)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.monotonic() - t0
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            msg = err.read()[-500:].decode(errors="replace")
+            raise RuntimeError(f"{cmd[0]} exited {code}: {msg}")
     return wall, int(usage.ru_maxrss)
 
 
