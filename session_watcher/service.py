@@ -45,6 +45,7 @@ POLL_SECONDS = 5.0  # new homes whose owner or sessions directory came late
 DEGRADED_SECONDS = 30.0  # fallback scan of directories that could not be watched
 PUBLISH_SECONDS = 1.0  # state file at most this often (when it changed)
 HEARTBEAT_SECONDS = 15.0  # ... and at least this often, so a reader can tell it is alive
+PACE_BYTES_PER_SECOND = 40e6  # a copy of N bytes waits N / this before the next one
 STOP_SECONDS = 10.0  # in-flight copies may finish within this on SIGTERM
 # A failed copy (ENOSPC, EIO, ...) is tried again after 2 s, then 4, 8, ... up to a minute:
 # a session that went idle while the store was full still lands once space is back.
@@ -188,6 +189,10 @@ class Service:
             self._retry_after(key, None)
             return None
         self._count(result)
+        if result.outcome is Outcome.COPIED:
+            # Copies of a big hot file are spaced by their size too, so a 20 MB transcript
+            # closed every 100 ms is copied about twice a second, not ten times.
+            self.queue.pace(key, result.nbytes / PACE_BYTES_PER_SECOND)
         retry = self._retry_after(key, result)
         if retry is not None:
             return retry

@@ -4,8 +4,10 @@ Why not a plain queue: a writer that closes a file 10 times a second (Claude Cod
 flush) or 1,000 times in a burst must cost a handful of copies, not one per close. Per key
 there is at most one job running and one pending; a new event for a pending key only
 keeps the earliest trigger time. And a key's next run waits `spacing` times as long as its
-last run took, so a 20 MB transcript copied in 50 ms is copied at most every ~200 ms
-while a 10 KB one still lands within a millisecond of its close.
+last run took, or what the handler asked for with `pace()` (the service: in proportion to
+the bytes copied), capped so that no key lags more than `max_lag`: a 20 MB transcript is
+copied about twice a second while a 10 KB one still lands within a millisecond of its
+close.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Entry:
     trigger: float | None = None  # wall time of the earliest event this run answers
     last_end: float = 0.0
     last_cost: float = 0.0
+    min_gap: float = 0.0  # asked for by the handler with `pace()`
 
 
 # handler(key, trigger) -> optional delay in seconds after which to run the key again
@@ -44,11 +47,13 @@ class WorkQueue:
         *,
         workers: int = 4,
         spacing: float = 3.0,
+        max_lag: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "copy",
     ) -> None:
         self._handler = handler
         self._spacing = spacing
+        self._max_lag = max_lag
         self._clock = clock
         self._cond = threading.Condition()
         self._entries: dict[Hashable, _Entry] = {}
@@ -74,8 +79,7 @@ class WorkQueue:
             e = self._entries.get(key)
             if e is None:
                 e = self._entries[key] = _Entry()
-            spaced = e.last_end + self._spacing * e.last_cost
-            due = max(now + delay, spaced)
+            due = max(now + delay, e.last_end + self._gap(e))
             if trigger is not None and (e.trigger is None or trigger < e.trigger):
                 e.trigger = trigger
             if e.pending and e.due <= due:
@@ -85,6 +89,21 @@ class WorkQueue:
             if not e.running:
                 heapq.heappush(self._heap, (due, next(self._seq), key))
                 self._cond.notify()
+
+    def _gap(self, e: _Entry) -> float:
+        # A few times the last run's cost (duty cycle), at least what the handler asked
+        # for, but never so long that the key's data falls more than `max_lag` behind: one
+        # fsync that stalls on a busy disk must not push the next copy out by seconds.
+        want = max(self._spacing * e.last_cost, e.min_gap)
+        return min(want, max(0.0, self._max_lag - e.last_cost))
+
+    def pace(self, key: Hashable, seconds: float) -> None:
+        """From inside the handler: leave at least `seconds` (capped by `max_lag`) before
+        the key's next run, e.g. in proportion to the bytes a copy wrote."""
+        with self._cond:
+            e = self._entries.get(key)
+            if e is not None:
+                e.min_gap = seconds
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
@@ -167,6 +186,6 @@ class WorkQueue:
                         e.pending = True
                         e.due = due
                 if e.pending and not self._stopping:
-                    e.due = max(e.due, e.last_end + self._spacing * e.last_cost)
+                    e.due = max(e.due, e.last_end + self._gap(e))
                     heapq.heappush(self._heap, (e.due, next(self._seq), key))
                     self._cond.notify()

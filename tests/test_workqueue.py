@@ -10,7 +10,7 @@ from collections.abc import Hashable, Iterator
 import pytest
 from helpers import wait_for
 
-from session_watcher.workqueue import WorkQueue
+from session_watcher.workqueue import WorkQueue, _Entry
 
 
 class Recorder:
@@ -210,3 +210,18 @@ def test_prune_forgets_idle_keys_only(rec: Recorder) -> None:
         wait_for(q.idle, what="queue idle")
     finally:
         assert q.stop(5.0)
+
+
+def test_gap_is_paced_by_the_handler_and_capped_by_max_lag() -> None:
+    clock = [100.0]
+    q = WorkQueue(
+        lambda key, trigger: None, workers=1, spacing=3.0, max_lag=1.0, clock=lambda: clock[0]
+    )
+    e = _Entry(last_end=100.0, last_cost=0.01, min_gap=0.5)
+    assert q._gap(e) == pytest.approx(0.5)  # paced: more than 3 x cost
+    e = _Entry(last_end=100.0, last_cost=0.4)
+    assert q._gap(e) == pytest.approx(0.6)  # 3 x 0.4 = 1.2 s, capped so lag stays <= 1 s
+    e = _Entry(last_end=100.0, last_cost=2.0)
+    assert q._gap(e) == 0.0  # a copy slower than the budget: go again at once
+    e = _Entry(last_end=100.0, last_cost=0.001)
+    assert q._gap(e) == pytest.approx(0.003)  # small files: just the duty cycle
