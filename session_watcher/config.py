@@ -73,10 +73,12 @@ def _check(c: Config) -> None:
         raise ConfigError(f"file mode must not set setuid/setgid/sticky bits: {c.file_mode:04o}")
     if c.max_file_bytes <= 0:
         raise ConfigError(f"max file bytes must be positive, got {c.max_file_bytes}")
-    if c.settle < 0:
-        raise ConfigError(f"settle must be >= 0 seconds, got {c.settle}")
-    if c.reconcile_interval < 0:
-        raise ConfigError(f"reconcile interval must be >= 0 seconds, got {c.reconcile_interval}")
+    if not 0 <= c.settle <= 86400:
+        raise ConfigError(f"settle must be 0..86400 seconds, got {c.settle}")
+    if not 0 <= c.reconcile_interval <= 7 * 86400:
+        raise ConfigError(
+            f"reconcile interval must be 0..604800 seconds (a week), got {c.reconcile_interval}"
+        )
     if not 1 <= c.workers <= 64:
         raise ConfigError(f"workers must be 1..64, got {c.workers}")
     if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

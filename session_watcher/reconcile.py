@@ -132,7 +132,7 @@ def reconcile(
                 visited.add(home.name)
                 try:
                     if _pass_user(
-                        config, store, store_fd, source, dry_run, now(), stats, on_result
+                        config, store, store_fd, source, dry_run, now(), stats, on_result, stop
                     ):
                         stats.users_processed += 1
                 finally:
@@ -211,8 +211,10 @@ def _pass_user(
     now: float,
     stats: PassStats,
     on_result: Callable[[SourceDir, str, Result], None] | None,
+    stop: threading.Event | None = None,
 ) -> bool:
-    """One user's files; True when the user had at least one qualifying file."""
+    """One user's files; True when the user had at least one qualifying file. `stop` is
+    checked before each file, so a service asked to stop is not held by a big home."""
     user_store = UserStore(store, store_fd, source.user)
     seen = False
     unusable: OSError | None = None
@@ -235,6 +237,8 @@ def _pass_user(
                 log.error("store directory of %s: %s", escape(source.user), e)
         with os.scandir(source.fd) as it:
             for entry in it:
+                if stop is not None and stop.is_set():
+                    break
                 if not is_session_name(entry.name):
                     continue
                 seen = True

@@ -10,6 +10,7 @@ observer and emitter threads. All copies, from events or passes, go through
 from __future__ import annotations
 
 import errno as errno_mod
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -31,7 +32,7 @@ from .logfmt import fields
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .reconcile import PassStats, reconcile, store_for
-from .safefs import close_quietly, escape, open_root_dir
+from .safefs import Refused, close_quietly, escape, open_root_dir
 from .state import AtomicFile, LastError, render_state
 from .store import Store, UserStore, lookup_gid
 from .watch import OverflowDetector, Watcher
@@ -130,7 +131,7 @@ class Service:
         self._refused: dict[str, str] = {}
         self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
         self.queue = WorkQueue(self._copy, workers=config.workers)
-        self._failed: dict[Hashable, int] = {}  # key -> consecutive failed copies
+        self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing
         self.watcher = Watcher(config, self._on_file, self._on_change)
         self.overflow = OverflowDetector(self._on_overflow)
         self._pass_thread = threading.Thread(target=self._passes, name="pass", daemon=True)
@@ -221,7 +222,10 @@ class Service:
                 return None
             if source is None:
                 return None
-            store_fd = self.store.open_root(create=True)
+            try:
+                store_fd = self.store.open_root(create=True)
+            except Refused as e:  # the store root swapped for a symlink: never followed
+                raise OSError(errno_mod.ELOOP, f"store root: {e.reason}") from None
             user_store = UserStore(self.store, store_fd, user)
             return sync_file(cfg, source, user_store, name, now=time.time(), since=trigger)
         except OSError as e:
@@ -241,13 +245,19 @@ class Service:
             close_quietly(home_fd)
 
     def _retry_after(self, key: Hashable, result: Result | None) -> float | None:
-        """Seconds until a failed copy is tried again (None: it did not fail)."""
+        """Seconds until a failed copy is tried again (None: it did not fail).
+
+        The wait grows with how long the file has been failing (2 s, then about doubling
+        with each timed retry, at most a minute), not with how many times: a writer that
+        closes every 100 ms while the store is full for two seconds must not push its
+        file's next try a minute past the moment space comes back."""
+        now = time.monotonic()
         with self._lock:
             if result is None or result.outcome is not Outcome.FAILED:
                 self._failed.pop(key, None)
                 return None
-            n = self._failed[key] = self._failed.get(key, 0) + 1
-        return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2.0 ** min(n - 1, 16))
+            since = self._failed.setdefault(key, now)
+        return retry_delay(now - since)
 
     def _count(self, result: Result) -> None:
         self.metrics.record(result)
@@ -312,7 +322,9 @@ class Service:
                 next_full = time.monotonic() + interval
             try:
                 self.run_pass(users)
-            except Exception:  # an unusable root this time; the next pass tries again
+            except OSError as e:  # an unusable root this time; the next pass tries again
+                log.error("pass failed: %s", e)
+            except Exception:  # a bug: the traceback is what a developer needs
                 log.exception("pass failed")
 
     # --- watches ---------------------------------------------------------------------------
@@ -505,9 +517,12 @@ class Service:
             self._stop.set()
             self._pass_wake.set()
             self.watcher.stop()
+            # One budget for both: the workers' copies and the pass's current file.
+            deadline = time.monotonic() + STOP_SECONDS
             clean = self.queue.stop(STOP_SECONDS)
             if self._pass_thread.is_alive():
-                self._pass_thread.join(STOP_SECONDS)
+                self._pass_thread.join(max(0.0, deadline - time.monotonic()))
+                clean = clean and not self._pass_thread.is_alive()
             signal.set_wakeup_fd(-1)
             self.overflow.uninstall()
             self.notifier.close()
@@ -518,6 +533,17 @@ class Service:
         log.info("stopped")
         return 0
 
+    def _guarded(self, what: str, step: Callable[[], None]) -> None:
+        """One step of the control loop: whatever goes wrong is one line, and the loop (so
+        the WATCHDOG=1 pings, signals, rescans) carries on. The home root renamed away for
+        a moment, EMFILE, a bug: none of it may end the service."""
+        try:
+            step()
+        except OSError as e:
+            log.error("cannot %s: %s", what, e)
+        except Exception:
+            log.exception("cannot %s", what)
+
     def _loop(self) -> None:
         now = time.monotonic()
         next_poll = now + POLL_SECONDS
@@ -527,7 +553,7 @@ class Service:
             self._take_signals()
             if self._stop.is_set():
                 break
-            self.publish()
+            self._guarded("publish the state", self.publish)
             now = time.monotonic()
             if self.watchdog_every is not None and now >= next_ping:
                 if self._healthy():
@@ -538,20 +564,23 @@ class Service:
             if self._rescan.is_set() or now >= next_poll:
                 full = self._rescan.is_set()
                 self._rescan.clear()
-                try:
-                    self.rescan(full=full)
-                except OSError as e:
-                    log.error("cannot scan the home root: %s", e)
+                self._guarded("scan the home root", functools.partial(self.rescan, full=full))
                 next_poll = now + POLL_SECONDS
                 self.queue.prune()
             if now >= next_degraded:
-                self._retry_degraded()
+                self._guarded("scan the degraded directories", self._retry_degraded)
                 next_degraded = now + DEGRADED_SECONDS
             deadline = min(next_poll, next_degraded, now + PUBLISH_SECONDS)
             if self.watchdog_every is not None:
                 deadline = min(deadline, next_ping)
             self._wake.wait(max(0.0, deadline - time.monotonic()))
             self._wake.clear()
+
+
+def retry_delay(failing_for: float) -> float:
+    """Wait before the next try of a copy that has been failing for `failing_for` seconds:
+    2 s at first, then as long as it has been failing (so about doubling), at most 60 s."""
+    return min(RETRY_MAX_SECONDS, max(RETRY_FIRST_SECONDS, failing_for))
 
 
 def errno_name(code: int | None) -> str:

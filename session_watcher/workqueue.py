@@ -24,6 +24,8 @@ __all__ = ["WorkQueue"]
 
 log = logging.getLogger(__name__)
 
+MAX_DELAY = 3600.0  # no key waits longer than this, whatever it asks for
+
 
 @dataclass
 class _Entry:
@@ -73,6 +75,7 @@ class WorkQueue:
     def submit(self, key: Hashable, *, trigger: float | None = None, delay: float = 0.0) -> None:
         """Ask for `key` to be handled (again) no sooner than `delay` seconds from now."""
         now = self._clock()
+        delay = min(max(0.0, delay), MAX_DELAY)  # a user-set mtime in year 2500 included
         with self._cond:
             if self._stopping:
                 return
@@ -148,7 +151,8 @@ class WorkQueue:
                 due, _, key = self._heap[0]
                 wait = due - self._clock()
                 if wait > 0:
-                    self._cond.wait(wait)
+                    # Bounded: Condition.wait raises OverflowError past ~292 years.
+                    self._cond.wait(min(wait, MAX_DELAY))
                     continue
                 heapq.heappop(self._heap)
                 e = self._entries.get(key)
@@ -163,7 +167,11 @@ class WorkQueue:
 
     def _work(self) -> None:
         while True:
-            job = self._next()
+            try:
+                job = self._next()
+            except Exception:  # nothing may kill a worker: that would stop every copy
+                log.exception("work queue error")
+                continue
             if job is None:
                 return
             key, trigger = job

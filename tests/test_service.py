@@ -543,3 +543,25 @@ def test_missing_home_root_exits_2_with_one_line(tree: Tree) -> None:
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1 and str(missing) in r.stderr, r.stderr
     assert not tree.target.exists()
+
+
+def test_home_root_gone_during_the_service_is_one_line_and_it_recovers(
+    tree: Tree, start: StartFn
+) -> None:
+    alice = tree.add_user("alice")
+    svc = start("--reconcile-interval", "0")
+    aside = Path(str(tree.home_root) + ".aside")
+    tree.home_root.rename(aside)
+    try:
+        svc.send(signal.SIGHUP)  # a full pass with the home root gone
+        failed = svc.wait_log("pass failed: ")
+        assert " ERROR " in failed[0]
+        svc.wait_log("cannot scan the home root")  # the control loop's rescan, still alive
+    finally:
+        aside.rename(tree.home_root)
+    assert "Traceback" not in svc.log()
+    # Still serving: a new transcript lands (the rescan re-watches the home).
+    svc.send(signal.SIGHUP)
+    tree.write(alice, "after.jsonl", line(1))
+    wait_stored(tree, alice, "after.jsonl", line(1), timeout=15)
+    assert svc.stop() == 0
