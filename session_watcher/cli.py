@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import PARSERS, Config, ConfigError, resolve
+from .config import ENV_PREFIX, PARSERS, Config, ConfigError, resolve
 from .logfmt import setup_logging as _setup_logging
 from .safefs import escape
 
@@ -121,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--grace",
         metavar="SECONDS",
-        default="120",
         help="files changed more recently than this may still be on their way (default 120)",
     )
     st.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -201,12 +200,16 @@ def show_progress(
 def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     from .status import check, render_json, render_text
 
+    # Like every option: the flag, else SESSION_WATCHER_GRACE, else 120 s.
+    text = args.grace
+    if text is None:
+        text = os.environ.get(ENV_PREFIX + "GRACE", "").strip() or "120"
     try:
-        grace = float(args.grace)
+        grace = float(text)
     except ValueError:
-        raise ConfigError(f"--grace: not a number: {args.grace!r}") from None
+        raise ConfigError(f"--grace: not a number: {text!r}") from None
     if not 0 <= grace < float("inf"):
-        raise ConfigError(f"--grace must be a number of seconds >= 0, got {args.grace!r}")
+        raise ConfigError(f"--grace must be a number of seconds >= 0, got {text!r}")
     _check_home_root(config)
     report = check(config, grace=grace)
     sys.stdout.write((render_json(report) + "\n") if args.json else render_text(report))

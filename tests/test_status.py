@@ -110,8 +110,14 @@ def test_missing_and_stale_past_grace_exit_1_naming_them(tree: Tree) -> None:
     assert "LAGGING: 2 file(s)" in text.stdout
     assert re.search(r"'alice/missing\.jsonl'  missing, 1[5-9] min \d\d s behind", text.stdout)
     assert re.search(r"'alice/stale\.jsonl'  stale, 1[5-9] min \d\d s behind", text.stdout)
-    # A grace longer than the oldest change: nothing lags.
+    # A grace longer than the oldest change: nothing lags (flag, or its environment variable).
     assert status_json(tree, "--grace", "50000")[0] == 0
+    via_env = run_cli("status", *tree.cli_args(), env={"SESSION_WATCHER_GRACE": "50000"})
+    assert via_env.returncode == 0, via_env.stdout
+    flag_wins = run_cli(
+        "status", *tree.cli_args("--grace", "1"), env={"SESSION_WATCHER_GRACE": "50000"}
+    )
+    assert flag_wins.returncode == 1
     assert snapshot(tree.target) == before  # copied nothing, changed nothing
 
 
