@@ -63,6 +63,18 @@ def list_homes(root_fd: int, config: Config) -> Iterator[Home]:
                 continue
             if home_qualifies(entry.name, st, config):
                 yield Home(entry.name, st.st_uid)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "home %s passed over: %s", escape(entry.name), _why_not(st, entry.name, config)
+                )
+
+
+def _why_not(st: os.stat_result, name: str, config: Config) -> str:
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory (a symlink never qualifies)"
+    if name in config.exclude_users:
+        return "excluded"
+    return f"owner uid {st.st_uid} outside {config.min_uid}..{config.max_uid}"
 
 
 def open_sessions_dir(root_fd: int, home: Home, config: Config) -> SourceDir | None:
@@ -115,7 +127,10 @@ def walk_user(root_fd: int, home: Home, config: Config) -> SourceDir | None:
     """`open_sessions_dir` with the refusal logged once as a WARNING, and any other error
     (EIO, ESTALE on a network home, ...) as one ERROR: one bad home never ends the pass."""
     try:
-        return open_sessions_dir(root_fd, home, config)
+        source = open_sessions_dir(root_fd, home, config)
+        if source is None:
+            log.debug("home %s has no sessions directory", escape(home.name))
+        return source
     except HomeRefused as e:
         log.warning("refused user %s for this pass: %s", escape(home.name), e)
         return None
