@@ -17,7 +17,9 @@ import secrets
 import stat
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Config
 from .logfmt import fields
@@ -25,11 +27,17 @@ from .safefs import FILE_FLAGS, Refused, escape
 from .store import TEMP_PREFIX, TEMP_SUFFIX, UserStore
 
 __all__ = [
+    "REFUSAL_KINDS",
+    "SPARSE_MIN_BYTES",
     "Outcome",
+    "Refusal",
     "Result",
     "SourceDir",
+    "forget_warnings",
     "install_length",
+    "is_hot",
     "is_up_to_date",
+    "recheck_time",
     "refusal",
     "refusal_kind",
     "sync_file",
@@ -39,6 +47,16 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
 _TAIL_CHUNK = 64 * 1024
+# How far back from the end a hot source is searched for its last newline. A hot file with
+# no newline in its last MiB is held back like one with no whole line yet (until it is
+# quiet, or the writer's next chunk ends the line): one event never reads more than this.
+_TAIL_LIMIT = 1024 * 1024
+# Sources larger than this must have at least half their size allocated (see `refusal`).
+SPARSE_MIN_BYTES = 1024 * 1024
+# A file whose holes take more data/hole transitions than this to count is refused as sparse.
+_MAX_EXTENTS = 4096
+# How many refused entries are remembered so that each is warned about once (see _Warned).
+_WARNED_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class Result:
     errno: int | None = None
     # Seconds from the triggering event (`since`) to the copy being in place, for metrics.
     latency: float | None = None
+    # REFUSED only: the refusal's kind, one of REFUSAL_KINDS (a bounded metrics label).
+    kind: str | None = None
 
 
 _SKIPPED = Result(Outcome.SKIPPED)  # frozen: one instance serves every up-to-date file
@@ -77,48 +97,78 @@ _SKIPPED = Result(Outcome.SKIPPED)  # frozen: one instance serves every up-to-da
 # --- pure decisions ---------------------------------------------------------------------
 
 
-def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> str | None:
-    """Why a source entry must not be copied, or None when it may."""
-    mode = st.st_mode
-    if not stat.S_ISREG(mode):
-        for test, kind in (
-            (stat.S_ISLNK, "a symlink"),
-            (stat.S_ISFIFO, "a FIFO"),
-            (stat.S_ISSOCK, "a socket"),
-            (stat.S_ISDIR, "a directory"),
-            (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"),
-        ):
-            if test(mode):
-                return kind
-        return "not a regular file"
-    if st.st_uid != owner_uid:
-        return f"owned by uid {st.st_uid}, not by the home's owner {owner_uid}"
-    if st.st_size > max_bytes:
-        return f"{st.st_size} bytes, over the limit of {max_bytes}"
-    return None
-
-
-# A refusal reason from `refusal()` (or the open) -> a small fixed label for metrics and
-# structured logs: never a user name, path or number.
-_KINDS = (
-    ("a symlink", "symlink"),
-    ("a FIFO", "fifo"),
-    ("a socket", "socket"),
-    ("a directory", "directory"),
-    ("a character device", "device"),
-    ("a block device", "device"),
-    ("owned by uid", "owner"),
+# Every kind `refusal()` can give: a small fixed set, used as a metrics label.
+REFUSAL_KINDS = (
+    "symlink",
+    "fifo",
+    "socket",
+    "directory",
+    "device",
+    "owner",
+    "size",
+    "sparse",
+    "other",
 )
 
 
+class Refusal(NamedTuple):
+    """Why an entry is not copied: `kind` (one of REFUSAL_KINDS, for metrics and structured
+    logs: never a name or a number) and `reason` (the human words for the log line)."""
+
+    kind: str
+    reason: str
+
+
+_NOT_REGULAR = (
+    (stat.S_ISLNK, Refusal("symlink", "a symlink")),
+    (stat.S_ISFIFO, Refusal("fifo", "a FIFO")),
+    (stat.S_ISSOCK, Refusal("socket", "a socket")),
+    (stat.S_ISDIR, Refusal("directory", "a directory")),
+    (stat.S_ISCHR, Refusal("device", "a character device")),
+    (stat.S_ISBLK, Refusal("device", "a block device")),
+)
+
+
+def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> Refusal | None:
+    """Why a source entry must not be copied, or None when it may.
+
+    "sparse": a file over SPARSE_MIN_BYTES with less than half its size allocated, i.e.
+    mostly holes (`truncate -s 1G x.jsonl` costs its owner a few KB and would put 1 GB of
+    zeros in the store, again after every rename: the store is an archive). Small files are
+    exempt (inline data, a tail packed into the inode). On a file system that compresses
+    (ZFS, whose st_blocks is the compressed size) or allocates late, a dense file can look
+    sparse here: the engine confirms on the opened file with SEEK_DATA/SEEK_HOLE before it
+    refuses, so this is a suspicion, which is enough for callers that only report."""
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        for test, why in _NOT_REGULAR:
+            if test(mode):
+                return why
+        return Refusal("other", "not a regular file")
+    if st.st_uid != owner_uid:
+        return Refusal("owner", f"owned by uid {st.st_uid}, not by the home's owner {owner_uid}")
+    if st.st_size > max_bytes:
+        return Refusal("size", f"{st.st_size} bytes, over the limit of {max_bytes}")
+    blocks = st.st_blocks  # None in a stat_result built from a 10-tuple: no information
+    allocated = -1 if blocks is None else blocks * 512
+    if st.st_size > SPARSE_MIN_BYTES and 0 <= allocated < st.st_size / 2:
+        return Refusal("sparse", f"sparse: {allocated} bytes allocated of {st.st_size}")
+    return None
+
+
 def refusal_kind(reason: str) -> str:
-    """symlink, fifo, socket, directory, device, owner, size or other."""
-    for prefix, kind in _KINDS:
-        if reason.startswith(prefix):
-            return kind
+    """The kind of a refusal known only by its words (a Result made without `kind`):
+    symlink, fifo, socket, directory, device, owner, size, sparse or other. Prefer
+    `Refusal.kind` / `Result.kind`, which do not depend on the wording."""
+    for _, why in _NOT_REGULAR:
+        if reason == why.reason:
+            return why.kind
+    if reason.startswith("owned by uid"):
+        return "owner"
     if "over the limit" in reason:
         return "size"
+    if reason.startswith("sparse:"):
+        return "sparse"
     return "other"
 
 
@@ -132,17 +182,34 @@ def is_up_to_date(src: os.stat_result, tgt: os.stat_result | None) -> bool:
     )
 
 
+def is_hot(mtime: float, now: float, settle: float) -> bool:
+    """Changed less than `settle` seconds ago, so a writer may be mid-chunk.
+
+    An mtime up to `settle` in the future (another host's clock on a network home) counts
+    as hot too; one further ahead (a user can set year 2500 with utime) cannot be a write
+    that is still going on and counts as quiet, so it is never held back for long: a
+    held-back file is quiet at the latest 2 x `settle` after it was first seen.
+    """
+    return abs(now - mtime) < settle
+
+
 def install_length(size: int, line_end: int, mtime: float, now: float, settle: float) -> int:
     """How many bytes of the source to install.
 
     `line_end` is the offset just past the last newline within `size`. While the source is
-    hot (changed less than `settle` seconds ago) only whole lines go in: the writer may be
-    between two write() calls of one chunk. A quiet source goes in whole, unfinished last
-    line included, so a truncated transcript is not held back forever.
+    hot (`is_hot`) only whole lines go in: the writer may be between two write() calls of
+    one chunk. A quiet source goes in whole, unfinished last line included, so a truncated
+    transcript is not held back forever.
     """
-    if now - mtime >= settle:
+    if not is_hot(mtime, now, settle):
         return size
     return line_end
+
+
+def recheck_time(mtime: float, now: float, settle: float) -> float:
+    """When a held-back source will count as quiet if nothing else happens: `settle` after
+    its mtime, but never more than `settle` from now (an mtime in the future)."""
+    return min(mtime, now) + settle
 
 
 # --- I/O shell ----------------------------------------------------------------------------
@@ -160,11 +227,13 @@ def _label(source: SourceDir, name: str) -> str:
     return escape(f"{source.user}/{name}")
 
 
-def _line_end(fd: int, size: int) -> int:
-    """Offset just past the last b"\\n" in the first `size` bytes (0 if there is none)."""
+def _line_end(fd: int, size: int, limit: int = _TAIL_LIMIT) -> int:
+    """Offset just past the last b"\\n" in the first `size` bytes: 0 if there is none in the
+    last `limit` bytes (a hot file is never read back to its start)."""
     end = size
-    while end > 0:
-        start = max(0, end - _TAIL_CHUNK)
+    floor = max(0, size - limit)
+    while end > floor:
+        start = max(floor, end - _TAIL_CHUNK)
         chunk = os.pread(fd, end - start, start)
         i = chunk.rfind(b"\n")
         if i >= 0:
@@ -173,6 +242,83 @@ def _line_end(fd: int, size: int) -> int:
             return 0
         end = start
     return 0
+
+
+def _mostly_holes(fd: int, size: int) -> bool:
+    """Whether less than half of the first `size` bytes are data (SEEK_DATA/SEEK_HOLE).
+
+    Only asked of a file that `refusal` already suspects (few blocks for its size). A file
+    system without hole reporting calls the whole file data: never refused on a guess. More
+    than _MAX_EXTENTS data runs before half is found is no transcript: mostly holes.
+    """
+    need = (size + 1) // 2
+    data = 0
+    offset = 0
+    for _ in range(_MAX_EXTENTS):
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after `offset`
+                return True
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return False  # holes cannot be told apart here
+            raise
+        if start >= size:
+            return True
+        end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        data += end - start
+        if data >= need:
+            return False
+        offset = end
+        if size - offset + data < need:  # even all the rest as data would not be enough
+            return True
+    return True
+
+
+class _Warned:
+    """Which refused entries were warned about: a bounded LRU of (user, name, device,
+    inode, kind), safe across threads. Each is warned about once; repeats (every event on
+    a FIFO that a user opens in a loop, every pass over it) go to DEBUG, so a user cannot
+    flood the log and push real lines past journald's rate limit. Per process: the service
+    warns once per entry for its lifetime (an entry replaced, or of another kind, warns
+    again), each `reconcile` run warns once per entry. Keyed on the kind, not the reason,
+    whose numbers change as an oversized file grows."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._seen: OrderedDict[tuple[str, str, int, int, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, key: tuple[str, str, int, int, str]) -> bool:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+_warned = _Warned(_WARNED_MAX)
+
+
+def forget_warnings() -> None:
+    """Forget which refused entries were warned about, so each warns again (tests)."""
+    _warned.clear()
+
+
+class _RefusedEntry(Refused):
+    """A refusal with its kind and the identity of the refused entry (for warn-once)."""
+
+    def __init__(self, why: Refusal, st: os.stat_result | None) -> None:
+        super().__init__(why.reason)
+        self.kind = why.kind
+        self.ident = (st.st_dev, st.st_ino) if st is not None else (0, 0)
 
 
 def _copy_bytes(src: int, dst: int, length: int) -> int:
@@ -238,14 +384,19 @@ def sync_file(
                     "%s changed during copy (%s), try %d", _label(source, name), e, attempt + 1
                 )
                 lstat = None
-            except Refused as e:
-                log.warning(
+            except Refused as e:  # ours, or the store's (a symlink planted in the store)
+                kind, ident = (
+                    (e.kind, e.ident) if isinstance(e, _RefusedEntry) else ("other", (0, 0))
+                )
+                first = _warned.first((source.user, name, *ident, kind))
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
                     "refused %s: %s",
                     _label(source, name),
                     e.reason,
-                    extra=fields(source.user, name, reason=refusal_kind(e.reason)),
+                    extra=fields(source.user, name, reason=kind),
                 )
-                return Result(Outcome.REFUSED, detail=e.reason)
+                return Result(Outcome.REFUSED, detail=e.reason, kind=kind)
             except OSError as e:
                 code = e.errno or 0
                 log.error(
@@ -300,12 +451,12 @@ def _sync_once(
         except FileNotFoundError:
             return Result(Outcome.VANISHED)
     why = refusal(pre, source.uid, config.max_file_bytes)
-    if why:
-        raise Refused(why)
+    if why is not None and why.kind != "sparse":  # a sparse suspect is checked once open
+        raise _RefusedEntry(why, pre)
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
-    if is_up_to_date(pre, tgt):
+    if why is None and is_up_to_date(pre, tgt):
         return Result(Outcome.SKIPPED)
 
     try:
@@ -313,24 +464,32 @@ def _sync_once(
     except FileNotFoundError:
         return Result(Outcome.VANISHED)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise Refused("a symlink") from None
-        if e.errno == errno.ENXIO:
-            raise Refused("a socket") from None
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            try:  # swapped since `pre`: warn-once keys on what is there now
+                now_st: os.stat_result | None = os.stat(
+                    name, dir_fd=source.fd, follow_symlinks=False
+                )
+            except OSError:
+                now_st = None
+            if e.errno == errno.ELOOP:
+                raise _RefusedEntry(Refusal("symlink", "a symlink"), now_st) from None
+            raise _RefusedEntry(Refusal("socket", "a socket"), now_st) from None
         raise
     try:
         st = os.fstat(fd)
         # The checks that count: on what was opened, not on a name that can be swapped.
         why = refusal(st, source.uid, config.max_file_bytes)
-        if why:
-            raise Refused(why)
+        if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
+            raise _RefusedEntry(why, st)
         if is_up_to_date(st, tgt):
             return Result(Outcome.SKIPPED)
         size = st.st_size
+        # Only a hot source is searched for its last newline (a quiet one goes in whole).
+        hot = size > 0 and is_hot(st.st_mtime, now, config.settle)
         length = install_length(
-            size, _line_end(fd, size) if size else 0, st.st_mtime, now, config.settle
+            size, _line_end(fd, size) if hot else size, st.st_mtime, now, config.settle
         )
-        recheck = st.st_mtime + config.settle if length < size else None
+        recheck = recheck_time(st.st_mtime, now, config.settle) if length < size else None
         if length == 0 and size > 0:
             return Result(Outcome.SKIPPED, recheck_at=recheck)  # not one whole line yet
         if (

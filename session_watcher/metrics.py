@@ -15,14 +15,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import __version__
-from .copy import Outcome, Result, refusal_kind
+from .copy import REFUSAL_KINDS, Outcome, Result, refusal_kind
 from .reconcile import PassStats
 from .state import AtomicFile
 
 __all__ = ["REFUSAL_KINDS", "WRITE_SECONDS", "Metrics", "errno_label"]
 
 WRITE_SECONDS = 15.0
-REFUSAL_KINDS = ("symlink", "fifo", "socket", "directory", "device", "owner", "size", "other")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PASS_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 
@@ -106,7 +105,7 @@ class Metrics:
             if result.latency is not None:
                 self.latency.observe(max(0.0, result.latency))
         elif result.outcome is Outcome.REFUSED:
-            self.refusals.labels(reason=refusal_kind(result.detail)).inc()
+            self.refusals.labels(reason=result.kind or refusal_kind(result.detail)).inc()
         elif result.outcome is Outcome.FAILED:
             self.failures.labels(errno=errno_label(result.errno)).inc()
 

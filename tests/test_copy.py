@@ -20,6 +20,7 @@ from session_watcher import copy as copy_mod
 from session_watcher.config import Config
 from session_watcher.copy import (
     Outcome,
+    Refusal,
     Result,
     SourceDir,
     install_length,
@@ -122,12 +123,14 @@ def test_refusal_reasons(tmp_path: Path) -> None:
     st = os.stat(f)
     uid = st.st_uid
     assert refusal(st, uid, 5) is None
-    assert refusal(st, uid, 4) == "5 bytes, over the limit of 4"
-    assert refusal(st, uid + 1, 5) == f"owned by uid {uid}, not by the home's owner {uid + 1}"
-    assert refusal(os.lstat(tmp_path / "fifo"), uid, 5) == "a FIFO"
-    assert refusal(os.lstat(tmp_path / "link"), uid, 5) == "a symlink"
-    assert refusal(os.lstat(tmp_path), uid, 5) == "a directory"
-    assert refusal(os.stat("/dev/null"), 0, 5) == "a character device"
+    assert refusal(st, uid, 4) == Refusal("size", "5 bytes, over the limit of 4")
+    assert refusal(st, uid + 1, 5) == Refusal(
+        "owner", f"owned by uid {uid}, not by the home's owner {uid + 1}"
+    )
+    assert refusal(os.lstat(tmp_path / "fifo"), uid, 5) == Refusal("fifo", "a FIFO")
+    assert refusal(os.lstat(tmp_path / "link"), uid, 5) == Refusal("symlink", "a symlink")
+    assert refusal(os.lstat(tmp_path), uid, 5) == Refusal("directory", "a directory")
+    assert refusal(os.stat("/dev/null"), 0, 5) == Refusal("device", "a character device")
 
 
 def test_is_up_to_date_needs_regular_same_size_same_mtime_ns(tmp_path: Path) -> None:
