@@ -559,7 +559,10 @@ class Service:
                 if self._healthy():
                     self.notifier.send("WATCHDOG=1")
                 else:
-                    log.error("a thread died (observer, worker or pass); withholding WATCHDOG=1")
+                    log.error(
+                        "a thread died (observer, inotify reader, worker or pass); "
+                        "withholding WATCHDOG=1"
+                    )
                 next_ping = now + self.watchdog_every
             if self._rescan.is_set() or now >= next_poll:
                 full = self._rescan.is_set()

@@ -86,6 +86,15 @@ class OverflowDetector(logging.Handler):
         logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
 
 
+class _Observer(InotifyObserver):
+    """InotifyObserver; `reader` is watchdog's InotifyFD thread, which reads the kernel
+    queue for every watch (if it ends, no event arrives any more)."""
+
+    @property
+    def reader(self) -> threading.Thread:
+        return self._inotify_fd
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: Watcher) -> None:
         self._w = watcher
@@ -116,7 +125,7 @@ class Watcher:
         self.config = config
         self._on_file = on_file
         self._on_change = on_change
-        self._observer = InotifyObserver()
+        self._observer = _Observer()
         self._handler = _Handler(self)
         self._lock = threading.Lock()
         self._by_path: dict[str, UserWatch] = {}
@@ -144,7 +153,8 @@ class Watcher:
         self._observer.join(timeout)
 
     def alive(self) -> bool:
-        return self._observer.is_alive()
+        """The dispatcher and the inotify reader threads; not the 5,000 emitters."""
+        return self._observer.is_alive() and self._observer.reader.is_alive()
 
     # --- watches --------------------------------------------------------------------------
 
