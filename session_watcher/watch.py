@@ -18,6 +18,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileMovedEvent,
@@ -25,7 +26,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import ObservedWatch
-from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+from watchdog.observers.inotify_c import InotifyConstants, Mask
 
 from .config import Config
 from .homes import is_session_name
@@ -37,11 +39,13 @@ log = logging.getLogger(__name__)
 
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
-# The kernel mask follows from these: IN_CLOSE_WRITE | IN_MOVE | IN_CREATE | IN_DELETE_SELF.
+# The kernel mask follows from these: IN_CLOSE_WRITE | IN_MOVE | IN_CREATE | IN_DELETE_SELF,
+# and through _Emitter IN_ATTRIB (an mtime set after the close: `cp -p`, tar, `touch -r`).
 SESSION_EVENTS: list[type[FileSystemEvent]] = [
     FileClosedEvent,
     FileMovedEvent,
     FileCreatedEvent,
+    FileAttribEvent,
     DirDeletedEvent,
 ]
 HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
@@ -86,9 +90,26 @@ class OverflowDetector(logging.Handler):
         logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
 
 
+class _Emitter(InotifyEmitter):
+    """watchdog 7.1's inotify emitter plus a kernel event it leaves out: IN_ATTRIB when
+    FileAttribEvent is in the filter (its filter-to-mask map knows only FileModifiedEvent,
+    which would also add IN_MODIFY: an event per write)."""
+
+    def get_event_mask_from_filter(self) -> Mask:
+        mask = super().get_event_mask_from_filter()
+        wanted = self._event_filter or frozenset()
+        if FileAttribEvent in wanted:
+            mask = Mask(mask | InotifyConstants.IN_ATTRIB)
+        return mask
+
+
 class _Observer(InotifyObserver):
-    """InotifyObserver; `reader` is watchdog's InotifyFD thread, which reads the kernel
-    queue for every watch (if it ends, no event arrives any more)."""
+    """InotifyObserver with _Emitter; `reader` is watchdog's InotifyFD thread, which reads
+    the kernel queue for every watch (if it ends, no event arrives any more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._emitter_class = _Emitter
 
     @property
     def reader(self) -> threading.Thread:
@@ -212,7 +233,7 @@ class Watcher:
         src = os.fsdecode(event.src_path)
         if isinstance(event, FileMovedEvent):
             self._file(os.fsdecode(event.dest_path), when)
-        elif isinstance(event, FileClosedEvent):
+        elif isinstance(event, FileClosedEvent | FileAttribEvent):
             self._file(src, when)
         elif isinstance(event, FileCreatedEvent):
             self._file(src, when, created=True)

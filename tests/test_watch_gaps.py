@@ -7,12 +7,37 @@ periodic pass), so before these fixes the files below were never copied at all."
 
 from __future__ import annotations
 
-from helpers import Tree, wait_for
-from test_service import start
+import os
+import sys
+
+from helpers import Tree, run_as, wait_for
+from test_service import StartFn, line, start, wait_stored
 
 from session_watcher.service import Service as ServiceObject
 
 __all__ = ["start"]  # the fixture, shared with test_service.py
+
+
+UTIME = "import os, sys; os.utime(sys.argv[1], (1700000000, 1700000000))"
+
+
+def test_mtime_only_change_reaches_the_store(tree: Tree, start: StartFn) -> None:
+    alice = tree.add_user("alice")
+    path = tree.write(alice, "t.jsonl", line(3))
+    start()
+    wait_stored(tree, alice, "t.jsonl", line(3))
+    stored = tree.stored(alice, "t.jsonl")
+    # What `cp -p` or tar's utimensat after the close do: IN_ATTRIB alone (not `touch`,
+    # which opens the file for writing and so closes it too).
+    run_as(alice.uid, alice.gid, [sys.executable, "-c", UTIME, str(path)])
+    want = os.lstat(path).st_mtime_ns
+    assert want == 1_700_000_000 * 10**9
+    wait_for(
+        lambda: stored.stat().st_mtime_ns == want,
+        timeout=8.0,
+        what="the store to take the source's new mtime",
+    )
+    assert stored.read_bytes() == line(3)
 
 
 def test_dead_inotify_reader_thread_is_unhealthy(tree: Tree) -> None:
