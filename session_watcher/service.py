@@ -338,6 +338,9 @@ class Service:
         is picked up without walking thousands of watched homes every few seconds.
         """
         cfg = self.config
+        if full:
+            self.watcher.drop_dead()  # a watch whose emitter ended is watched afresh
+        self.watcher.reap()  # deleted or moved away: unscheduled, re-added below if back
         watched = self.watcher.users()
         found: dict[str, tuple[int, int]] = {}
         home_fd = open_root_dir(cfg.home_root)

@@ -115,6 +115,13 @@ class _Observer(InotifyObserver):
     def reader(self) -> threading.Thread:
         return self._inotify_fd
 
+    def emitter_alive(self, watch: ObservedWatch) -> bool:
+        """Whether the watch still has a running emitter (watchdog stops it for good when
+        the watched directory is deleted)."""
+        with self._lock:
+            emitter = self._emitter_for_watch.get(watch)
+        return emitter is not None and emitter.is_alive()
+
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: Watcher) -> None:
@@ -151,6 +158,9 @@ class Watcher:
         self._lock = threading.Lock()
         self._by_path: dict[str, UserWatch] = {}
         self._by_user: dict[str, UserWatch] = {}
+        # Dropped from the maps when their directory was deleted or renamed away (or their
+        # emitter died); unscheduled by the control thread (reap) before any re-watch.
+        self._stale: list[UserWatch] = []
         self._root_path = os.path.normpath(str(config.home_root))
         self._root_watch: ObservedWatch | None = None
 
@@ -174,7 +184,8 @@ class Watcher:
         self._observer.join(timeout)
 
     def alive(self) -> bool:
-        """The dispatcher and the inotify reader threads; not the 5,000 emitters."""
+        """The dispatcher and the inotify reader threads; not the 5,000 emitters (a dead
+        one costs one user its events until the next full rescan finds it: `drop_dead`)."""
         return self._observer.is_alive() and self._observer.reader.is_alive()
 
     # --- watches --------------------------------------------------------------------------
@@ -190,6 +201,7 @@ class Watcher:
         """Watch a user's sessions directory. False (with one WARNING) if it cannot be
         watched: ENOSPC (watch limit), EMFILE, EACCES, ..."""
         path = self.sessions_path(user)
+        self.reap()  # else watchdog would keep the dead watch on this same path
         try:
             watch = self._observer.schedule(
                 self._handler, path, recursive=False, event_filter=SESSION_EVENTS
@@ -222,6 +234,39 @@ class Watcher:
         except (KeyError, OSError) as e:  # already gone with its directory
             log.debug("unschedule %s: %r", escape(uw.path), e)
 
+    def drop_dead(self) -> None:
+        """Mark stale the watches whose emitter thread has ended (control thread, on full
+        rescans: a dict lookup and is_alive per watch)."""
+        with self._lock:
+            watches = list(self._by_user.values())
+        for uw in watches:
+            if not self._observer.emitter_alive(uw.watch):
+                log.warning("watch on %s had stopped; watching it again", escape(uw.path))
+                self._drop(uw.path)
+
+    def reap(self) -> None:
+        """Unschedule the stale watches (control thread: unschedule joins the emitter)."""
+        with self._lock:
+            stale, self._stale = self._stale, []
+        for uw in stale:
+            log.info("sessions directory of %s went or changed; unwatching it", escape(uw.user))
+            try:
+                self._observer.unschedule(uw.watch)
+            except (KeyError, OSError) as e:  # already unscheduled
+                log.debug("unschedule %s: %r", escape(uw.path), e)
+
+    def _drop(self, path: str) -> bool:
+        """Forget the watch on `path` at once; reap() unschedules it later. Quick: it runs
+        on the dispatcher thread too."""
+        with self._lock:
+            uw = self._by_path.pop(path, None)
+            if uw is None:
+                return False
+            if self._by_user.get(uw.user) is uw:
+                del self._by_user[uw.user]
+            self._stale.append(uw)
+        return True
+
     def count(self) -> int:
         with self._lock:
             return len(self._by_user)
@@ -237,10 +282,15 @@ class Watcher:
             self._file(src, when)
         elif isinstance(event, FileCreatedEvent):
             self._file(src, when, created=True)
+        elif isinstance(event, DirDeletedEvent | DirMovedEvent) and self._drop(src):
+            # A watched directory was deleted (watchdog has stopped its emitter for good)
+            # or renamed away (its watch follows the old inode): whatever the inode of the
+            # directory now at that path, it is watched afresh by the rescan.
+            self._on_change()
         elif isinstance(event, DirCreatedEvent | DirDeletedEvent | DirMovedEvent) and (
-            os.path.dirname(src) == self._root_path or src in self._by_path
+            os.path.dirname(src) == self._root_path
         ):
-            # A home appeared, went or was renamed, or a watched directory was deleted.
+            # A home appeared, went or was renamed.
             self._on_change()
 
     def _file(self, path: str, when: float, *, created: bool = False) -> None:
