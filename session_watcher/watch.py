@@ -28,6 +28,10 @@ from watchdog.events import (
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
 from watchdog.observers.inotify_c import InotifyConstants, Mask
+from watchdog.observers.inotify_move_event_grouper import (
+    GroupedInotifyEvent,
+    PathedInotifyEvent,
+)
 
 from .config import Config
 from .homes import is_session_name
@@ -40,13 +44,15 @@ log = logging.getLogger(__name__)
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
 # The kernel mask follows from these: IN_CLOSE_WRITE | IN_MOVE | IN_CREATE | IN_DELETE_SELF,
-# and through _Emitter IN_ATTRIB (an mtime set after the close: `cp -p`, tar, `touch -r`).
+# and through _Emitter IN_ATTRIB (an mtime set after the close: `cp -p`, tar, `touch -r`)
+# and IN_MOVE_SELF (the directory renamed away: `mv sessions sessions.old`).
 SESSION_EVENTS: list[type[FileSystemEvent]] = [
     FileClosedEvent,
     FileMovedEvent,
     FileCreatedEvent,
     FileAttribEvent,
     DirDeletedEvent,
+    DirMovedEvent,
 ]
 HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
 
@@ -91,16 +97,32 @@ class OverflowDetector(logging.Handler):
 
 
 class _Emitter(InotifyEmitter):
-    """watchdog 7.1's inotify emitter plus a kernel event it leaves out: IN_ATTRIB when
-    FileAttribEvent is in the filter (its filter-to-mask map knows only FileModifiedEvent,
-    which would also add IN_MODIFY: an event per write)."""
+    """watchdog 7.1's inotify emitter plus two kernel events it leaves out:
+
+    - IN_ATTRIB when FileAttribEvent is in the filter: its filter-to-mask map knows only
+      FileModifiedEvent, which would also add IN_MODIFY (an event per write);
+    - IN_MOVE_SELF when DirMovedEvent is in the filter (non-recursive watches), reported
+      as DirMovedEvent(watched path, ""): watchdog neither asks for it nor reports it, so
+      a watched directory renamed away went unnoticed while its watch followed the old
+      inode under the old name.
+    """
 
     def get_event_mask_from_filter(self) -> Mask:
         mask = super().get_event_mask_from_filter()
         wanted = self._event_filter or frozenset()
         if FileAttribEvent in wanted:
             mask = Mask(mask | InotifyConstants.IN_ATTRIB)
+        if DirMovedEvent in wanted and not self.watch.is_recursive:
+            mask = Mask(mask | InotifyConstants.IN_MOVE_SELF)
         return mask
+
+    def build_and_queue_event(
+        self, event: GroupedInotifyEvent, *, full_events: bool = False
+    ) -> None:
+        if isinstance(event, PathedInotifyEvent) and event.ev.is_move_self:
+            self.queue_event(DirMovedEvent(self.watch.path, ""))
+            return
+        super().build_and_queue_event(event, full_events=full_events)
 
 
 class _Observer(InotifyObserver):

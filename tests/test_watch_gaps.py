@@ -50,6 +50,19 @@ def test_sessions_dir_recreated_with_its_old_inode_is_watched_again(
     assert COPY_LINE.search(svc.wait_log("copied 'alice/after.jsonl'")[0]), reused
 
 
+def test_sessions_dir_renamed_away_and_made_again_is_watched_again(
+    tree: Tree, start: StartFn
+) -> None:
+    alice = tree.add_user("alice")
+    svc = start()
+    # IN_MOVE_SELF only: nothing changes in the home root or below the home's `user`.
+    replace_sessions_dir(tree, "alice", 'mv "$1" "$1.old" && mkdir -m 700 "$1"')
+    svc.wait_log(f"watching '{alice.sessions}'", count=2, timeout=8.0)
+    tree.write(alice, "after.jsonl", line(2))
+    wait_stored(tree, alice, "after.jsonl", line(2), timeout=8.0)
+    assert COPY_LINE.search(svc.wait_log("copied 'alice/after.jsonl'")[0])
+
+
 def test_mtime_only_change_reaches_the_store(tree: Tree, start: StartFn) -> None:
     alice = tree.add_user("alice")
     path = tree.write(alice, "t.jsonl", line(3))
