@@ -37,6 +37,7 @@ __all__ = [
     "install_length",
     "is_hot",
     "is_up_to_date",
+    "quick_skip",
     "recheck_time",
     "refusal",
     "refusal_kind",
@@ -348,6 +349,17 @@ class _Changed(Exception):
     """The source shrank or was replaced while we copied it: discard and try again."""
 
 
+def quick_skip(
+    config: Config, source: SourceDir, store: UserStore, name: str, lstat: os.stat_result
+) -> bool:
+    """The no-op path of a pass: the scan's lstat plus one lstat of the target say the store
+    is up to date. No open, no lock, no retry loop: this runs 100,000 times in a pass over
+    1,000 users, and the overhead around the two stat calls was 40% of its time."""
+    return refusal(lstat, source.uid, config.max_file_bytes) is None and is_up_to_date(
+        lstat, store.lstat(name)
+    )
+
+
 def sync_file(
     config: Config,
     source: SourceDir,
@@ -365,14 +377,7 @@ def sync_file(
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
     the event that asked for this copy, for the latency in the log line.
     """
-    # The no-op path of a pass: the scan's lstat already says the store is up to date.
-    # No lock, no retry loop, one shared Result: this is 100,000 calls in a pass over
-    # 1,000 users, and the overhead around the two stat calls was 40% of its time.
-    if (
-        lstat is not None
-        and refusal(lstat, source.uid, config.max_file_bytes) is None
-        and is_up_to_date(lstat, store.lstat(name))
-    ):
+    if lstat is not None and quick_skip(config, source, store, name, lstat):
         return _SKIPPED
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):

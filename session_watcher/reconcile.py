@@ -8,11 +8,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .copy import Outcome, Result, SourceDir, sync_file
+from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
 from .homes import Home, is_session_name, list_homes, walk_user
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
@@ -35,6 +36,10 @@ class PassStats:
     duration_s: float = 0.0
     homes_done: int = field(default=0, repr=False, compare=False)  # for progress only
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_skipped(self, n: int) -> None:
+        with self._lock:
+            self.files_skipped += n
 
     def record(self, result: Result) -> None:
         with self._lock:
@@ -102,6 +107,15 @@ def reconcile(
     if store is None:
         store = store_for(config, dry_run=dry_run)
     home_fd = open_root_dir(config.home_root)
+    # Copies (not checks) run on a few threads: a copy waits on the disk (copy_file_range,
+    # two fsyncs) with the GIL released, so a cold pass keeps the disk busy; the no-op
+    # checks stay on this thread, where the GIL would only make them slower. The threads
+    # are made on the first copy, so a pass with nothing to copy starts none.
+    pool = (
+        None
+        if dry_run or config.workers <= 1
+        else ThreadPoolExecutor(config.workers, thread_name_prefix="pass-copy")
+    )
     try:
         try:
             store_fd = store.open_root(create=True)
@@ -132,7 +146,16 @@ def reconcile(
                 visited.add(home.name)
                 try:
                     if _pass_user(
-                        config, store, store_fd, source, dry_run, now(), stats, on_result, stop
+                        config,
+                        store,
+                        store_fd,
+                        source,
+                        dry_run,
+                        now(),
+                        stats,
+                        on_result,
+                        stop,
+                        pool,
                     ):
                         stats.users_processed += 1
                 finally:
@@ -146,6 +169,8 @@ def reconcile(
             close_quietly(store_fd)
     finally:
         os.close(home_fd)
+        if pool is not None:
+            pool.shutdown(wait=True)
     stats.duration_s = time.monotonic() - started
     log.info(
         "pass %s: %d users, %d copied, %d skipped, %d refused, %d failed, %d bytes in %.2f s",
@@ -212,12 +237,26 @@ def _pass_user(
     stats: PassStats,
     on_result: Callable[[SourceDir, str, Result], None] | None,
     stop: threading.Event | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> bool:
     """One user's files; True when the user had at least one qualifying file. `stop` is
-    checked before each file, so a service asked to stop is not held by a big home."""
+    checked before each file, so a service asked to stop is not held by a big home.
+    Up-to-date files are counted here, without a Result or `on_result`; the others go
+    through `sync_file`, on `pool` when there is one."""
     user_store = UserStore(store, store_fd, source.user)
     seen = False
     unusable: OSError | None = None
+    skipped = 0
+    pending: list[Future[None]] = []
+
+    def sync(name: str, st: os.stat_result) -> None:
+        if stop is not None and stop.is_set():
+            return  # queued on the pool before the stop: left for the next pass
+        result = sync_file(config, source, user_store, name, now=now, dry_run=dry_run, lstat=st)
+        stats.record(result)
+        if on_result is not None:
+            on_result(source, name, result)
+
     try:
         try:
             dir_fd = user_store.fd(create=False)
@@ -245,19 +284,30 @@ def _pass_user(
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
-                    stats.record(Result(Outcome.VANISHED))
+                    skipped += 1  # vanished: not a failure
                     continue
                 if unusable is not None:
                     result = Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno)
+                    stats.record(result)
+                    if on_result is not None:
+                        on_result(source, entry.name, result)
+                    continue
+                try:
+                    if quick_skip(config, source, user_store, entry.name, st):
+                        skipped += 1
+                        continue
+                except OSError:
+                    pass  # sync_file meets it again, and says what it is
+                if pool is None:
+                    sync(entry.name, st)
                 else:
-                    result = sync_file(
-                        config, source, user_store, entry.name, now=now, dry_run=dry_run, lstat=st
-                    )
-                stats.record(result)
-                if on_result is not None:
-                    on_result(source, entry.name, result)
+                    pending.append(pool.submit(sync, entry.name, st))
     except OSError as e:
         log.error("could not list sessions of %s: %s", escape(source.user), e)
     finally:
+        # The copies use this user's descriptors: all of them end before those close.
+        for future in pending:
+            future.result()
+        stats.add_skipped(skipped)
         user_store.close()
     return seen

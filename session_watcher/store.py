@@ -206,17 +206,22 @@ class UserStore:
         self.user = user
         self._fd: int | None = None
         self._looked = False
+        self._lock = threading.Lock()  # a pass's copy threads share one UserStore
 
     def fd(self, *, create: bool) -> int | None:
-        if self._fd is None and (create or not self._looked):
-            self._looked = True
-            if self.root_fd is None:  # only in a dry run: the store root does not exist yet
-                return None
-            try:
-                self._fd = self.store.open_user_dir(self.root_fd, self.user, create=create)
-            except Refused as e:  # a planted symlink: a failure to deliver, never followed
-                raise OSError(errno.ELOOP, f"store directory is {e.reason}") from None
-        return self._fd
+        fd = self._fd
+        if fd is not None or not (create or not self._looked):
+            return fd
+        with self._lock:
+            if self._fd is None and (create or not self._looked):
+                self._looked = True
+                if self.root_fd is None:  # only in a dry run: the store root is not there yet
+                    return None
+                try:
+                    self._fd = self.store.open_user_dir(self.root_fd, self.user, create=create)
+                except Refused as e:  # a planted symlink: a failure to deliver, never followed
+                    raise OSError(errno.ELOOP, f"store directory is {e.reason}") from None
+            return self._fd
 
     def lstat(self, name: str) -> os.stat_result | None:
         fd = self.fd(create=False)
