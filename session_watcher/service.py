@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -345,10 +345,7 @@ class Service:
         found: dict[str, tuple[int, int]] = {}
         home_fd = open_root_dir(cfg.home_root)
         try:
-            for home in list_homes(home_fd, cfg):
-                if not full and (home.name in watched or home.name in self._degraded):
-                    found[home.name] = watched.get(home.name, (0, 0))
-                    continue
+            for home in list_homes(home_fd, cfg) if full else self._unwatched(home_fd, found):
                 ident = self._walk(home_fd, home)
                 if ident is not None:
                     found[home.name] = ident
@@ -375,6 +372,27 @@ class Service:
             new_users.add(user)
         if new_users and self._started:
             self.request_pass(new_users)  # copy what is already there
+
+    def _unwatched(self, home_fd: int, found: dict[str, tuple[int, int]]) -> Iterator[Home]:
+        """The poll's view: names only for the homes already watched or degraded (they
+        go into `found` as they are; a full rescan re-checks their owners), an lstat only
+        for the others. At 5,000 watched homes this is one directory listing every 5 s
+        instead of 5,000 lstats (the bench's idle-CPU target)."""
+        watched = self.watcher.users()
+        with os.scandir(home_fd) as it:
+            names = [e.name for e in it if not e.name.startswith(".")]
+        for name in names:
+            if name in watched:
+                found[name] = watched[name]
+            elif name in self._degraded:
+                found[name] = (0, 0)
+            else:
+                try:
+                    st = os.stat(name, dir_fd=home_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if home_qualifies(name, st, self.config):
+                    yield Home(name, st.st_uid)
 
     def _walk(self, home_fd: int, home: Home) -> tuple[int, int] | None:
         try:
