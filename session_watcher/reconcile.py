@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,9 +306,11 @@ def _pass_user(
     except OSError as e:
         log.error("could not list sessions of %s: %s", escape(source.user), e)
     finally:
-        # The copies use this user's descriptors: all of them end before those close.
-        for future in pending:
-            future.result()
+        # The copies use this user's descriptors: all of them end before those close
+        # (all, even if one raised: its error is re-raised once the descriptors are shut).
+        futures.wait(pending)
         stats.add_skipped(skipped)
         user_store.close()
+        for future in pending:
+            future.result()
     return seen
