@@ -48,8 +48,9 @@ PUBLISH_SECONDS = 1.0  # state file at most this often (when it changed)
 HEARTBEAT_SECONDS = 15.0  # ... and at least this often, so a reader can tell it is alive
 PACE_BYTES_PER_SECOND = 40e6  # a copy of N bytes waits N / this before the next one
 STOP_SECONDS = 10.0  # in-flight copies may finish within this on SIGTERM
-# A failed copy (ENOSPC, EIO, ...) is tried again after 2 s, then 4, 8, ... up to a minute:
-# a session that went idle while the store was full still lands once space is back.
+# A failed copy (ENOSPC, EIO, ...) is tried again after 2 s, then after as long as it has
+# been failing (so about 4, 8, ...), at most a minute (`retry_delay`): a session that went
+# idle while the store was full still lands soon after space is back.
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
 
