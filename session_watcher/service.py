@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -57,14 +57,23 @@ RETRY_MAX_SECONDS = 60.0
 
 @dataclass
 class Totals:
-    """Since start; read by STATUS= (and by the state file of the status issue)."""
+    """Since start; read by STATUS= and the state file. File outcomes are tallied by the
+    pass's own `PassStats.record`, so the two never disagree on what counts as what."""
 
-    copies: int = 0
-    bytes: int = 0
-    refusals: int = 0
-    failures: int = 0
+    files: PassStats = field(default_factory=PassStats)
     overflows: int = 0
     passes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        f = self.files
+        return {
+            "copies": f.files_copied,
+            "bytes": f.bytes_copied,
+            "refusals": f.files_refused,
+            "failures": f.files_failed,
+            "overflows": self.overflows,
+            "passes": self.passes,
+        }
 
 
 class _StopEvent(threading.Event):
@@ -262,15 +271,7 @@ class Service:
 
     def _count(self, result: Result) -> None:
         self.metrics.record(result)
-        with self._lock:
-            t = self.totals
-            if result.outcome is Outcome.COPIED:
-                t.copies += 1
-                t.bytes += result.nbytes
-            elif result.outcome is Outcome.REFUSED:
-                t.refusals += 1
-            elif result.outcome is Outcome.FAILED:
-                t.failures += 1
+        self.totals.files.record(result)  # PassStats: locked on its own
 
     # --- passes ----------------------------------------------------------------------------
 
@@ -446,11 +447,12 @@ class Service:
     def _status(self) -> None:
         with self._lock:
             p = self.last_pass
-            t = self.totals
+            t = self.totals.files
             text = (
                 f"watching {self.watcher.count()} users"
                 + (f", {len(self._degraded)} by scan" if self._degraded else "")
-                + f"; since start {t.copies} copied, {t.refusals} refused, {t.failures} failed"
+                + f"; since start {t.files_copied} copied, {t.files_refused} refused, "
+                f"{t.files_failed} failed"
             )
             if p is not None:
                 text += (
@@ -466,7 +468,7 @@ class Service:
             last_pass = None
             if p is not None:
                 last_pass = {"at": self.last_pass_at, **p.as_dict()}
-            totals = asdict(self.totals)
+            totals = self.totals.as_dict()
         return {
             "version": __version__,
             "pid": os.getpid(),
