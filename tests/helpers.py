@@ -219,6 +219,20 @@ def remove_base(base: Path) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
+# The keys of `reconcile --json` and of `PassStats.as_dict()`: the contract of issue 2.
+STATS_KEYS = frozenset(
+    {
+        "users_processed",
+        "files_copied",
+        "files_skipped",
+        "files_refused",
+        "files_failed",
+        "bytes_copied",
+        "duration_s",
+    }
+)
+
+
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a CLI subprocess: ours minus any SESSION_WATCHER_* setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}

@@ -13,21 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import IS_ROOT, TEST_GID, TEST_GROUP, Tree, cli_env, root_only, run_cli
+from helpers import IS_ROOT, STATS_KEYS, TEST_GID, TEST_GROUP, Tree, cli_env, root_only, run_cli
 
 from session_watcher import __version__
 from session_watcher.store import TEMP_PREFIX
 
 LINE = b'{"type":"user","message":"hi"}\n'
-KEYS = {
-    "users_processed",
-    "files_copied",
-    "files_skipped",
-    "files_refused",
-    "files_failed",
-    "bytes_copied",
-    "duration_s",
-}
 LOG_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
     r"session_watcher[\w.]*: (.*)"
@@ -52,7 +43,7 @@ def messages(stderr: str, level: str) -> list[str]:
 def counts_of(stdout: str) -> dict[str, int]:
     (line,) = stdout.splitlines()
     d = json.loads(line)
-    assert set(d) == KEYS
+    assert set(d) == STATS_KEYS
     del d["duration_s"]
     return dict(d)
 

@@ -11,21 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import IS_ROOT, TEST_GID, Tree, log_lines, root_only, snapshot
+from helpers import IS_ROOT, STATS_KEYS, TEST_GID, Tree, log_lines, root_only, snapshot
 
 from session_watcher import Config, PassStats, reconcile
 from session_watcher.store import TEMP_PREFIX
 
 LINE = b'{"type":"user","message":"hi"}\n'
-KEYS = {
-    "users_processed",
-    "files_copied",
-    "files_skipped",
-    "files_refused",
-    "files_failed",
-    "bytes_copied",
-    "duration_s",
-}
 
 
 def counts(stats: PassStats) -> dict[str, int]:
@@ -59,7 +50,7 @@ def test_library_api_pass_copies_then_skips(tree: Tree) -> None:
         max_uid=tree.config().max_uid,
     )
     stats = reconcile(config)
-    assert set(stats.as_dict()) == KEYS
+    assert set(stats.as_dict()) == STATS_KEYS
     assert counts(stats) == {
         "users_processed": 2,
         "files_copied": 3,
