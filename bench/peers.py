@@ -28,6 +28,7 @@ __all__ = [
     "Lsyncd",
     "SessionWatcher",
     "group_cpu_seconds",
+    "sw_command",
     "timed",
 ]
 
@@ -172,6 +173,25 @@ class LivePeer:
         self.proc = None
 
 
+def sw_command(subcommand: str, home: Path, store: Path) -> list[str]:
+    """`session-watcher SUBCOMMAND` on a bench tree: every home counts (the trees are
+    root's) and the store's group is root's, so no group lookup warning skews a run."""
+    return [
+        sys.executable,
+        "-m",
+        "session_watcher",
+        subcommand,
+        "--home-root",
+        str(home),
+        "--target",
+        str(store),
+        "--min-uid",
+        "0",
+        "--group",
+        "root",
+    ]
+
+
 class SessionWatcher(LivePeer):
     """The real service: `python -m session_watcher run`, READY=1 read from a NOTIFY_SOCKET
     we bind, so start-up time is what systemd would see."""
@@ -192,21 +212,7 @@ class SessionWatcher(LivePeer):
         self._sock = sock
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         env["NOTIFY_SOCKET"] = str(path)
-        cmd = [
-            sys.executable,
-            "-m",
-            "session_watcher",
-            "run",
-            "--home-root",
-            str(tree.root),
-            "--target",
-            str(store),
-            "--min-uid",
-            "0",
-            "--group",
-            "root",
-            *self.extra,
-        ]
+        cmd = [*sw_command("run", tree.root, store), *self.extra]
         t0 = time.monotonic()
         self._spawn(cmd, work / "session-watcher.log", env)
         sock.settimeout(0.5)

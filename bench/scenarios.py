@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .measure import Arrival, Observer, Row, landing_times, median, pct
-from .peers import PROJECT, LivePeer, Lsyncd, SessionWatcher, timed
+from .peers import PROJECT, LivePeer, Lsyncd, SessionWatcher, sw_command, timed
 from .tree import Tree, append, line, prefill_store
 
 __all__ = ["FULL", "QUICK", "Sizes", "burst", "cold", "hot", "latency", "noop", "scale"]
@@ -453,29 +453,12 @@ def _twin_files(root: Path, stores: list[Path], users: int, files: int) -> None:
                 os.utime(p, ns=(_MTIME_NS, _MTIME_NS))
 
 
-def _sw_pass(home: Path, store: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "session_watcher",
-        "reconcile",
-        "--home-root",
-        str(home),
-        "--target",
-        str(store),
-        "--min-uid",
-        "0",
-        "--group",
-        "root",
-    ]
-
-
 def noop(sizes: Sizes, work: Path, log: Log) -> list[Row]:
     home = work / "noop-home"
     sw_store, legacy_store, rsync_store = (work / f"noop-{k}" for k in ("sw", "legacy", "rsync"))
     _twin_files(home, [sw_store, legacy_store], sizes.noop_users, sizes.noop_files)
     tools: dict[str, list[str]] = {
-        "session-watcher reconcile": _sw_pass(home, sw_store),
+        "session-watcher reconcile": sw_command("reconcile", home, sw_store),
         "legacy algorithm (skip if exists)": [
             sys.executable,
             "-m",
@@ -544,7 +527,7 @@ def cold(sizes: Sizes, work: Path, log: Log) -> list[Row]:
     dst = work / "cold-store"
     tools: dict[str, list[str]] = {
         "cp -a + sync": ["sh", "-c", 'cp -a "$0" "$1" && sync', str(home), str(dst)],
-        "session-watcher reconcile": _sw_pass(home, dst),
+        "session-watcher reconcile": sw_command("reconcile", home, dst),
     }
     rows: list[Row] = []
     if shutil.which("rsync"):
