@@ -56,6 +56,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     add("--dir-mode", metavar="OCT", help="mode of store directories (default 2770)")
     add("--max-file-bytes", metavar="N", help="larger sources are refused (default 1 GiB)")
     add(
+        "--max-user-bytes",
+        metavar="N",
+        help="bytes one user may hold in the store; past it new copies are refused (10 GiB)",
+    )
+    add(
+        "--max-user-files",
+        metavar="N",
+        help="files one user may hold in the store (default 100000)",
+    )
+    add(
+        "--cross-mounts",
+        action="store_const",
+        const=True,
+        help="copy from file systems mounted below a home (default: refused, like rsync -x)",
+    )
+    add(
         "--settle",
         metavar="SECONDS",
         help="a source quiet this long is copied whole, unfinished last line included (5)",
@@ -105,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between full passes; 0 = only at start (default 600)",
     )
     run.add_argument("--workers", metavar="N", help="copy worker threads (default 4)")
+    run.add_argument(
+        "--stuck-after",
+        metavar="SECONDS",
+        help="a user whose file system has not answered this long is skipped until it does (15)",
+    )
+    run.add_argument(
+        "--user-write-mb-s",
+        metavar="MB",
+        help="MB/s one user's files may make the service write; 0 = unlimited (default 32)",
+    )
     _state_file(run)
     run.add_argument(
         "--metrics-file",
@@ -137,6 +163,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
             continue
         if name == "exclude_users":
             flags[name] = frozenset(u for v in value for u in parse(v))
+        elif isinstance(value, bool):  # a switch (--cross-mounts)
+            flags[name] = value
         else:
             try:
                 flags[name] = parse(value)

@@ -32,12 +32,27 @@ class Config:
     file_mode: int = 0o640
     dir_mode: int = 0o2770
     max_file_bytes: int = 1 << 30
+    # What one user may hold in the store (the store is an archive shared by everyone: a
+    # user must not be able to fill it for the others). 10 GiB is years of heavy Claude Code
+    # use (a long session is tens of MB); 100,000 files leaves room for subagent transcripts.
+    # Size them to the store: store size / users who may fill it at once.
+    max_user_bytes: int = 10 << 30
+    max_user_files: int = 100_000
+    # What one user's files may make the service write, live: MB/s with a burst of 16 s of
+    # it. Copies of up to 1 MiB are never held back by it (see ratelimit.ByteBudget).
+    user_write_mb_s: float = 32.0
+    # Directories and files below a home on another file system than the home are refused
+    # (like rsync -x), unless the operator mounts parts of homes on purpose.
+    cross_mounts: bool = False
     settle: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (journald) or json (log shippers)
     # `run` only.
     reconcile_interval: float = 600.0
     workers: int = 4
+    # A user's I/O that has not returned after this long marks the user stuck: their work
+    # is skipped (everyone else's goes on) until their file system answers again.
+    stuck_after: float = 15.0
     # `run` writes it, `status` reads it; /run/session-watcher is the unit's RuntimeDirectory.
     state_file: Path = Path("/run/session-watcher/state.json")
     metrics_file: Path | None = None  # `run` only: node_exporter textfile, every 15 s
@@ -73,12 +88,21 @@ def _check(c: Config) -> None:
         raise ConfigError(f"file mode must not set setuid/setgid/sticky bits: {c.file_mode:04o}")
     if c.max_file_bytes <= 0:
         raise ConfigError(f"max file bytes must be positive, got {c.max_file_bytes}")
+    if c.max_user_bytes <= 0 or c.max_user_files <= 0:
+        raise ConfigError(
+            f"max user bytes and files must be positive, got {c.max_user_bytes}"
+            f" and {c.max_user_files}"
+        )
+    if not 0 <= c.user_write_mb_s <= 1e6:
+        raise ConfigError(f"user write rate must be 0..1000000 MB/s, got {c.user_write_mb_s}")
     if not 0 <= c.settle <= 86400:
         raise ConfigError(f"settle must be 0..86400 seconds, got {c.settle}")
     if not 0 <= c.reconcile_interval <= 7 * 86400:
         raise ConfigError(
             f"reconcile interval must be 0..604800 seconds (a week), got {c.reconcile_interval}"
         )
+    if not 0.1 <= c.stuck_after <= 3600:
+        raise ConfigError(f"stuck after must be 0.1..3600 seconds, got {c.stuck_after}")
     if not 1 <= c.workers <= 64:
         raise ConfigError(f"workers must be 1..64, got {c.workers}")
     if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -115,6 +139,15 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError(f"not yes or no: {text!r}")
+
+
 def _parse_users(text: str) -> frozenset[str]:
     return frozenset(u.strip() for u in text.split(",") if u.strip())
 
@@ -131,10 +164,15 @@ PARSERS: dict[str, Any] = {
     "file_mode": parse_mode,
     "dir_mode": parse_mode,
     "max_file_bytes": _parse_int,
+    "max_user_bytes": _parse_int,
+    "max_user_files": _parse_int,
+    "user_write_mb_s": _parse_float,
+    "cross_mounts": _parse_bool,
     "settle": _parse_float,
     "log_level": lambda s: s.strip().upper(),
     "reconcile_interval": _parse_float,
     "workers": _parse_int,
+    "stuck_after": _parse_float,
     "log_format": lambda s: s.strip().lower(),
     "state_file": Path,
     "metrics_file": Path,

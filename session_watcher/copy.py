@@ -17,13 +17,14 @@ import secrets
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from .config import Config
 from .logfmt import fields
-from .safefs import FILE_FLAGS, Refused, escape
+from .ratelimit import LogLimiter
+from .safefs import FILE_FLAGS, Refused, errno_name, escape
 from .store import TEMP_PREFIX, TEMP_SUFFIX, UserStore
 
 __all__ = [
@@ -33,14 +34,12 @@ __all__ = [
     "Refusal",
     "Result",
     "SourceDir",
-    "forget_warnings",
     "install_length",
     "is_hot",
     "is_up_to_date",
     "quick_skip",
     "recheck_time",
     "refusal",
-    "refusal_kind",
     "sync_file",
 ]
 
@@ -56,17 +55,18 @@ _TAIL_LIMIT = 1024 * 1024
 SPARSE_MIN_BYTES = 1024 * 1024
 # A file whose holes take more data/hole transitions than this to count is refused as sparse.
 _MAX_EXTENTS = 4096
-# How many refused entries are remembered so that each is warned about once (see _Warned).
-_WARNED_MAX = 4096
 
 
 @dataclass(frozen=True)
 class SourceDir:
-    """A qualified, opened sessions directory: its home's name, owner and descriptor."""
+    """A qualified, opened sessions directory: its home's name, owner and descriptor, and
+    the home's device (`dev`): a file on another device is refused unless the operator
+    allows crossing mounts (then `dev` is None)."""
 
     user: str
     uid: int
     fd: int
+    dev: int | None = None
 
 
 class Outcome(enum.Enum):
@@ -108,6 +108,10 @@ REFUSAL_KINDS = (
     "owner",
     "size",
     "sparse",
+    "hardlink",
+    "mount",
+    "quota",
+    "home",
     "other",
 )
 
@@ -130,8 +134,16 @@ _NOT_REGULAR = (
 )
 
 
-def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> Refusal | None:
+def refusal(
+    st: os.stat_result, owner_uid: int, max_bytes: int, dev: int | None = None
+) -> Refusal | None:
     """Why a source entry must not be copied, or None when it may.
+
+    "hardlink": more than one name for the inode. Claude Code never links its transcripts,
+    and N links to one 200 MB file would cost the store N copies (the store is an archive:
+    deleting the links frees nothing). "mount": on another device than the home (`dev`;
+    None = not checked), like `rsync -x`: whatever is mounted below a home is not a
+    transcript the user wrote there, and may be a file system that blocks.
 
     "sparse": a file over SPARSE_MIN_BYTES with less than half its size allocated, i.e.
     mostly holes (`truncate -s 1G x.jsonl` costs its owner a few KB and would put 1 GB of
@@ -148,6 +160,10 @@ def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> Refusal | Non
         return Refusal("other", "not a regular file")
     if st.st_uid != owner_uid:
         return Refusal("owner", f"owned by uid {st.st_uid}, not by the home's owner {owner_uid}")
+    if dev is not None and st.st_dev != dev:
+        return Refusal("mount", "on another file system than its home")
+    if st.st_nlink > 1:
+        return Refusal("hardlink", f"a file with {st.st_nlink} hard links")
     if st.st_size > max_bytes:
         return Refusal("size", f"{st.st_size} bytes, over the limit of {max_bytes}")
     blocks = st.st_blocks  # None in a stat_result built from a 10-tuple: no information
@@ -155,22 +171,6 @@ def refusal(st: os.stat_result, owner_uid: int, max_bytes: int) -> Refusal | Non
     if st.st_size > SPARSE_MIN_BYTES and 0 <= allocated < st.st_size / 2:
         return Refusal("sparse", f"sparse: {allocated} bytes allocated of {st.st_size}")
     return None
-
-
-def refusal_kind(reason: str) -> str:
-    """The kind of a refusal known only by its words (a Result made without `kind`):
-    symlink, fifo, socket, directory, device, owner, size, sparse or other. Prefer
-    `Refusal.kind` / `Result.kind`, which do not depend on the wording."""
-    for _, why in _NOT_REGULAR:
-        if reason == why.reason:
-            return why.kind
-    if reason.startswith("owned by uid"):
-        return "owner"
-    if "over the limit" in reason:
-        return "size"
-    if reason.startswith("sparse:"):
-        return "sparse"
-    return "other"
 
 
 def is_up_to_date(src: os.stat_result, tgt: os.stat_result | None) -> bool:
@@ -276,52 +276,6 @@ def _mostly_holes(fd: int, size: int) -> bool:
     return True
 
 
-class _Warned:
-    """Which refused entries were warned about: a bounded LRU of (user, name, device,
-    inode, kind), safe across threads. Each is warned about once; repeats (every event on
-    a FIFO that a user opens in a loop, every pass over it) go to DEBUG, so a user cannot
-    flood the log and push real lines past journald's rate limit. Per process: the service
-    warns once per entry for its lifetime (an entry replaced, or of another kind, warns
-    again), each `reconcile` run warns once per entry. Keyed on the kind, not the reason,
-    whose numbers change as an oversized file grows."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._seen: OrderedDict[tuple[str, str, int, int, str], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def first(self, key: tuple[str, str, int, int, str]) -> bool:
-        with self._lock:
-            if key in self._seen:
-                self._seen.move_to_end(key)
-                return False
-            self._seen[key] = None
-            if len(self._seen) > self._size:
-                self._seen.popitem(last=False)
-            return True
-
-    def clear(self) -> None:
-        with self._lock:
-            self._seen.clear()
-
-
-_warned = _Warned(_WARNED_MAX)
-
-
-def forget_warnings() -> None:
-    """Forget which refused entries were warned about, so each warns again (tests)."""
-    _warned.clear()
-
-
-class _RefusedEntry(Refused):
-    """A refusal with its kind and the identity of the refused entry (for warn-once)."""
-
-    def __init__(self, why: Refusal, st: os.stat_result | None) -> None:
-        super().__init__(why.reason)
-        self.kind = why.kind
-        self.ident = (st.st_dev, st.st_ino) if st is not None else (0, 0)
-
-
 def _copy_bytes(src: int, dst: int, length: int) -> int:
     """Copy the first `length` bytes in the kernel; returns how many were copied (fewer
     only if the source shrank)."""
@@ -370,19 +324,25 @@ def sync_file(
     dry_run: bool = False,
     lstat: os.stat_result | None = None,
     since: float | None = None,
+    limiter: LogLimiter | None = None,
+    admit: Callable[[int], float] | None = None,
 ) -> Result:
     """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
 
     `lstat` may pass the entry's stat from a directory scan, so that an up-to-date file
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
-    the event that asked for this copy, for the latency in the log line.
+    the event that asked for this copy, for the latency in the log line. `limiter` rate-
+    limits the WARNING/ERROR lines per user and kind (None: every line goes out). `admit`
+    is the user's byte budget: asked with the bytes a copy would write, it answers 0 (go)
+    or the seconds to wait; a copy that must wait is SKIPPED with `recheck_at` then.
     """
     if lstat is not None and quick_skip(config, source, store, name, lstat):
         return _SKIPPED
+    say = limiter if limiter is not None else LogLimiter(0.0)
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
-                result = _sync_once(config, source, store, name, now, dry_run, lstat)
+                result = _sync_once(config, source, store, name, now, dry_run, lstat, say, admit)
                 break
             except _Changed as e:
                 log.debug(
@@ -390,30 +350,38 @@ def sync_file(
                 )
                 lstat = None
             except Refused as e:  # ours, or the store's (a symlink planted in the store)
-                kind, ident = (
-                    (e.kind, e.ident) if isinstance(e, _RefusedEntry) else ("other", (0, 0))
-                )
-                first = _warned.first((source.user, name, *ident, kind))
-                log.log(
-                    logging.WARNING if first else logging.DEBUG,
+                say.log(
+                    log,
+                    # The store's own line says when a user goes over their limit (once).
+                    logging.DEBUG if e.kind == "quota" else logging.WARNING,
+                    source.user,
+                    "refused:" + e.kind,
                     "refused %s: %s",
                     _label(source, name),
                     e.reason,
-                    extra=fields(source.user, name, reason=kind),
+                    extra=fields(source.user, name, reason=e.kind),
                 )
-                return Result(Outcome.REFUSED, detail=e.reason, kind=kind)
+                return Result(Outcome.REFUSED, detail=e.reason, kind=e.kind)
             except OSError as e:
                 code = e.errno or 0
-                log.error(
+                say.log(
+                    log,
+                    logging.ERROR,
+                    source.user,
+                    "failed:" + errno_name(code),
                     "failed %s: %s (%s)",
                     _label(source, name),
                     os.strerror(code) if code else e,
-                    errno.errorcode.get(code, "?"),
-                    extra=fields(source.user, name, errno=errno.errorcode.get(code, "unknown")),
+                    errno_name(code),
+                    extra=fields(source.user, name, errno=errno_name(code)),
                 )
                 return Result(Outcome.FAILED, detail=str(e), errno=code)
         else:
-            log.error(
+            say.log(
+                log,
+                logging.ERROR,
+                source.user,
+                "failed:changing",
                 "failed %s: source kept changing during the copy (%d tries)",
                 _label(source, name),
                 MAX_TRIES,
@@ -449,15 +417,17 @@ def _sync_once(
     now: float,
     dry_run: bool,
     pre: os.stat_result | None,
+    say: LogLimiter,
+    admit: Callable[[int], float] | None,
 ) -> Result:
     if pre is None:
         try:
             pre = os.stat(name, dir_fd=source.fd, follow_symlinks=False)
         except FileNotFoundError:
             return Result(Outcome.VANISHED)
-    why = refusal(pre, source.uid, config.max_file_bytes)
+    why = refusal(pre, source.uid, config.max_file_bytes, source.dev)
     if why is not None and why.kind != "sparse":  # a sparse suspect is checked once open
-        raise _RefusedEntry(why, pre)
+        raise Refused.of(why)
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
@@ -470,22 +440,16 @@ def _sync_once(
         return Result(Outcome.VANISHED)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENXIO):
-            try:  # swapped since `pre`: warn-once keys on what is there now
-                now_st: os.stat_result | None = os.stat(
-                    name, dir_fd=source.fd, follow_symlinks=False
-                )
-            except OSError:
-                now_st = None
             if e.errno == errno.ELOOP:
-                raise _RefusedEntry(Refusal("symlink", "a symlink"), now_st) from None
-            raise _RefusedEntry(Refusal("socket", "a socket"), now_st) from None
+                raise Refused("a symlink", "symlink") from None
+            raise Refused("a socket", "socket") from None
         raise
     try:
         st = os.fstat(fd)
         # The checks that count: on what was opened, not on a name that can be swapped.
-        why = refusal(st, source.uid, config.max_file_bytes)
+        why = refusal(st, source.uid, config.max_file_bytes, source.dev)
         if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
-            raise _RefusedEntry(why, st)
+            raise Refused.of(why)
         if is_up_to_date(st, tgt):
             return Result(Outcome.SKIPPED)
         size = st.st_size
@@ -504,22 +468,45 @@ def _sync_once(
             and tgt.st_mtime_ns == st.st_mtime_ns
         ):
             return Result(Outcome.SKIPPED, recheck_at=recheck)  # that prefix is in already
-        if tgt is not None and stat.S_ISREG(tgt.st_mode) and size < tgt.st_size:
-            log.warning(
+        old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
+        grow, new_file = length - (old_size or 0), old_size is None
+        if admit is not None and not dry_run:
+            wait = admit(length)
+            if wait > 0:  # over the user's byte budget: this version goes in a little later
+                return Result(Outcome.SKIPPED, recheck_at=now + wait)
+        if not dry_run:
+            over = store.reserve(grow, new_file=new_file)
+            if over is not None:
+                raise Refused.of(over)
+        if old_size is not None and size < old_size:
+            say.log(
+                log,
+                logging.WARNING,
+                source.user,
+                "shrank",
                 "source %s shrank from %d to %d bytes; mirroring it",
                 _label(source, name),
-                tgt.st_size,
+                old_size,
                 size,
                 extra=fields(source.user, name, nbytes=size, reason="shrank"),
             )
         if tgt is not None and stat.S_ISLNK(tgt.st_mode):
-            log.warning(
-                "store entry %s is a symlink; replacing it, not following it", _label(source, name)
+            say.log(
+                log,
+                logging.WARNING,
+                source.user,
+                "store-symlink",
+                "store entry %s is a symlink; replacing it, not following it",
+                _label(source, name),
             )
         if dry_run:
             log.info("would copy %s (%d bytes)", _label(source, name), length)
             return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
-        _install(config, source, store, name, fd, st, length)
+        try:
+            _install(config, source, store, name, fd, st, length)
+        except BaseException:
+            store.release(grow, new_file=new_file)
+            raise
     finally:
         os.close(fd)
     return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)

@@ -6,12 +6,16 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .config import Config
 from .copy import SourceDir
-from .safefs import Refused, escape, open_dir_at
+from .logfmt import fields
+from .ratelimit import LogLimiter
+from .safefs import Refused, errno_name, escape, open_dir_at
+from .stuck import UserStuck
 
 __all__ = [
     "Home",
@@ -19,6 +23,7 @@ __all__ = [
     "home_qualifies",
     "is_session_name",
     "list_homes",
+    "open_home",
     "open_sessions_dir",
     "walk_user",
 ]
@@ -32,8 +37,12 @@ class Home:
     uid: int
 
 
-class HomeRefused(Exception):
-    """A home whose walk to its sessions directory is unsafe: the whole user is skipped."""
+class HomeRefused(Refused):
+    """A home whose walk to its sessions directory is unsafe: the whole user is skipped.
+    Its `kind` is "home" or "mount" (a component on another file system than the home)."""
+
+    def __init__(self, reason: str, kind: str = "home") -> None:
+        super().__init__(reason, kind)
 
 
 def home_qualifies(name: str, st: os.stat_result, config: Config) -> bool:
@@ -51,15 +60,30 @@ def is_session_name(name: str) -> bool:
     return name.endswith(".jsonl") and not name.startswith(".")
 
 
-def list_homes(root_fd: int, config: Config) -> Iterator[Home]:
-    """Qualifying homes under the opened home root (lstat only: a symlink never qualifies)."""
+def list_homes(
+    root_fd: int,
+    config: Config,
+    guard: Callable[[str], AbstractContextManager[None]] | None = None,
+) -> Iterator[Home]:
+    """Qualifying homes under the opened home root (lstat only: a symlink never qualifies).
+
+    `guard(name)` wraps the lstat of each home: a home that is itself the mount point of a
+    file system that blocks (a user's FUSE mount on their own home) blocks its lstat, so
+    the service runs it under its stuck guard, which raises for a user known to be stuck
+    (the home is then left out)."""
     with os.scandir(root_fd) as it:
         for entry in it:
             if entry.name.startswith("."):
                 continue
             try:
-                st = entry.stat(follow_symlinks=False)
+                if guard is None:
+                    st = entry.stat(follow_symlinks=False)
+                else:
+                    with guard(entry.name):
+                        st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
+                continue
+            except UserStuck:  # this home waits until its file system answers again
                 continue
             if home_qualifies(entry.name, st, config):
                 yield Home(entry.name, st.st_uid)
@@ -93,6 +117,7 @@ def open_sessions_dir(root_fd: int, home: Home, config: Config) -> SourceDir | N
     if not home_qualifies(home.name, st, config) or st.st_uid != home.uid:
         os.close(fd)
         raise HomeRefused(f"{escape(home.name)} changed owner or type during the pass")
+    dev = None if config.cross_mounts else st.st_dev
     for part in config.sessions_parts:
         try:
             nxt, st = _step(fd, part, home.name)
@@ -107,7 +132,26 @@ def open_sessions_dir(root_fd: int, home: Home, config: Config) -> SourceDir | N
                 f"{escape(home.name)}: {escape(part)} is owned by uid {st.st_uid}, "
                 f"not by the home's owner {home.uid} or root"
             )
-    return SourceDir(home.name, home.uid, fd)
+        if dev is not None and st.st_dev != dev:
+            os.close(fd)
+            raise HomeRefused(
+                f"{escape(home.name)}: {escape(part)} is on another file system than the home "
+                "(--cross-mounts allows it)",
+                "mount",
+            )
+    return SourceDir(home.name, home.uid, fd, dev)
+
+
+def open_home(root_fd: int, name: str, config: Config) -> SourceDir | None:
+    """The live path's walk for one home by name: lstat, qualify, `open_sessions_dir`.
+    None when the home is gone, does not qualify or has no sessions directory."""
+    try:
+        st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not home_qualifies(name, st, config):
+        return None
+    return open_sessions_dir(root_fd, Home(name, st.st_uid), config)
 
 
 def _step(parent_fd: int, part: str, user: str) -> tuple[int, os.stat_result]:
@@ -123,23 +167,42 @@ def _step(parent_fd: int, part: str, user: str) -> tuple[int, os.stat_result]:
         raise
 
 
-def walk_user(root_fd: int, home: Home, config: Config) -> SourceDir | None:
-    """`open_sessions_dir` with the refusal logged once as a WARNING, and any other error
-    (EIO, ESTALE on a network home, ...) as one ERROR: one bad home never ends the pass."""
+def walk_user(
+    root_fd: int, home: Home, config: Config, limiter: LogLimiter | None = None
+) -> SourceDir | None:
+    """`open_sessions_dir` with a refusal logged as one WARNING and any other error (EIO,
+    ESTALE on a network home, ...) as one ERROR, both limited per user by `limiter`: one
+    bad home never ends the pass, and a user swapping a symlink in and out cannot flood
+    the log."""
+    say = limiter if limiter is not None else LogLimiter(0.0)
     try:
         source = open_sessions_dir(root_fd, home, config)
         if source is None:
             log.debug("home %s has no sessions directory", escape(home.name))
         return source
     except HomeRefused as e:
-        log.warning("refused user %s for this pass: %s", escape(home.name), e)
+        say.log(
+            log,
+            logging.WARNING,
+            home.name,
+            "refused:" + e.kind,
+            "refused user %s: %s",
+            escape(home.name),
+            e.reason,
+            extra=fields(home.name, reason=e.kind),
+        )
         return None
     except OSError as e:
         code = e.errno or 0
-        log.error(
+        say.log(
+            log,
+            logging.ERROR,
+            home.name,
+            "failed:" + errno_name(code),
             "could not open the sessions directory of %s: %s (%s)",
             escape(home.name),
             os.strerror(code) if code else e,
-            errno.errorcode.get(code, "?"),
+            errno_name(code),
+            extra=fields(home.name, errno=errno_name(code)),
         )
         return None

@@ -8,27 +8,22 @@ name their files.
 
 from __future__ import annotations
 
-import errno as errno_mod
 import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import __version__
-from .copy import REFUSAL_KINDS, Outcome, Result, refusal_kind
+from .copy import REFUSAL_KINDS, Outcome, Result
 from .reconcile import PassStats
+from .safefs import errno_name
 from .state import AtomicFile
 
-__all__ = ["REFUSAL_KINDS", "WRITE_SECONDS", "Metrics", "errno_label"]
+__all__ = ["REFUSAL_KINDS", "WRITE_SECONDS", "Metrics"]
 
 WRITE_SECONDS = 15.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PASS_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
-
-
-def errno_label(code: int | None) -> str:
-    """ENOSPC, EIO, ... ("other" for none or an unknown number: a bounded label set)."""
-    return errno_mod.errorcode.get(code or 0, "other")
 
 
 class Metrics:
@@ -80,6 +75,16 @@ class Metrics:
             "Sessions directories that could not be watched (served by a 30 s scan).",
             registry=r,
         )
+        self.stuck = Gauge(
+            p + "stuck_users",
+            "Users whose file system has not answered in time (their work is skipped).",
+            registry=r,
+        )
+        self.over_quota = Gauge(
+            p + "over_quota_users",
+            "Users whose new copies are refused: over --max-user-bytes or --max-user-files.",
+            registry=r,
+        )
         self.ready = Gauge(
             p + "ready", "1 once the initial pass is done and watches are set.", registry=r
         )
@@ -105,9 +110,9 @@ class Metrics:
             if result.latency is not None:
                 self.latency.observe(max(0.0, result.latency))
         elif result.outcome is Outcome.REFUSED:
-            self.refusals.labels(reason=result.kind or refusal_kind(result.detail)).inc()
+            self.refusals.labels(reason=result.kind or "other").inc()
         elif result.outcome is Outcome.FAILED:
-            self.failures.labels(errno=errno_label(result.errno)).inc()
+            self.failures.labels(errno=errno_name(result.errno)).inc()
 
     def record_pass(self, stats: PassStats, *, full: bool) -> None:
         self.passes.labels(scope="full" if full else "users").inc()

@@ -7,17 +7,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
 from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
 from .homes import Home, is_session_name, list_homes, walk_user
+from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
+from .stuck import UserStuck
+
+# Copies of one user queued on the pass's pool at once (see _pass_user).
+_MAX_IN_FLIGHT = 64
 
 __all__ = ["PassStats", "Progress", "reconcile", "store_for"]
 
@@ -93,6 +99,8 @@ def reconcile(
     stop: threading.Event | None = None,
     store: Store | None = None,
     progress: Callable[[Progress], None] | None = None,
+    limiter: LogLimiter | None = None,
+    guard: Callable[[str], AbstractContextManager[None]] | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
@@ -101,8 +109,14 @@ def reconcile(
     `only` limits the pass to those home names; `stop` ends it early between users;
     `store` reuses the caller's Store (group already looked up) instead of a new one;
     `progress` is called as homes finish and files are copied (the CLI draws a bar with it;
-    the homes are then listed up front, which costs memory per home, not per file).
+    the homes are then listed up front, which costs memory per home, not per file);
+    `limiter` limits log lines per user and kind (default: one per user and kind per
+    minute, for this pass); `guard(user)` wraps each user's I/O (the service's stuck
+    guard: a user whose file system blocks is skipped, not waited for).
     """
+    if limiter is None:
+        limiter = LogLimiter()
+    each = guard if guard is not None else _no_guard
     started = time.monotonic()
     stats = PassStats()
     if store is None:
@@ -125,7 +139,7 @@ def reconcile(
         except OSError as e:
             raise OSError(e.errno, f"store {escape(str(config.target))}: {e.strerror}") from None
         try:
-            homes: Iterable[Home] = list_homes(home_fd, config)
+            homes: Iterable[Home] = list_homes(home_fd, config, guard)
             total = 0
             if progress is not None:
                 homes = [h for h in homes if only is None or h.name in only]
@@ -138,29 +152,27 @@ def reconcile(
                     break
                 if only is not None and home.name not in only:
                     continue
-                source = walk_user(home_fd, home, config)
-                if source is None:
-                    if progress is not None:
-                        stats.homes_done += 1
-                        progress(Progress(stats.homes_done, total, stats.bytes_copied))
-                    continue
-                visited.add(home.name)
+                visited.add(home.name)  # its store directory is swept by its own pass
                 try:
-                    if _pass_user(
-                        config,
-                        store,
-                        store_fd,
-                        source,
-                        dry_run,
-                        now(),
-                        stats,
-                        on_result,
-                        stop,
-                        pool,
-                    ):
-                        stats.users_processed += 1
+                    with each(home.name):
+                        if _pass_home(
+                            config,
+                            home_fd,
+                            home,
+                            store,
+                            store_fd,
+                            dry_run,
+                            now(),
+                            stats,
+                            on_result,
+                            stop,
+                            pool,
+                            limiter,
+                        ):
+                            stats.users_processed += 1
+                except UserStuck:
+                    log.debug("pass: user %s is stuck; skipped", escape(home.name))
                 finally:
-                    os.close(source.fd)
                     if progress is not None:
                         stats.homes_done += 1
                         progress(Progress(stats.homes_done, total, stats.bytes_copied))
@@ -202,6 +214,36 @@ def _with_progress(
     return both
 
 
+@contextmanager
+def _no_guard(user: str) -> Iterator[None]:
+    yield
+
+
+def _pass_home(
+    config: Config,
+    home_fd: int,
+    home: Home,
+    store: Store,
+    store_fd: int | None,
+    dry_run: bool,
+    now: float,
+    stats: PassStats,
+    on_result: Callable[[SourceDir, str, Result], None] | None,
+    stop: threading.Event | None,
+    pool: ThreadPoolExecutor | None,
+    limiter: LogLimiter,
+) -> bool:
+    source = walk_user(home_fd, home, config, limiter)
+    if source is None:
+        return False
+    try:
+        return _pass_user(
+            config, store, store_fd, source, dry_run, now, stats, on_result, stop, pool, limiter
+        )
+    finally:
+        os.close(source.fd)
+
+
 def _sweep_other_store_dirs(store: Store, store_fd: int, visited: set[str]) -> None:
     """Temp files a crash left in store directories whose home is gone or was renamed
     (the store is an archive: those directories stay, and no user's pass visits them)."""
@@ -239,6 +281,7 @@ def _pass_user(
     on_result: Callable[[SourceDir, str, Result], None] | None,
     stop: threading.Event | None = None,
     pool: ThreadPoolExecutor | None = None,
+    limiter: LogLimiter | None = None,
 ) -> bool:
     """One user's files; True when the user had at least one qualifying file. `stop` is
     checked before each file, so a service asked to stop is not held by a big home.
@@ -253,7 +296,9 @@ def _pass_user(
     def sync(name: str, st: os.stat_result) -> None:
         if stop is not None and stop.is_set():
             return  # queued on the pool before the stop: left for the next pass
-        result = sync_file(config, source, user_store, name, now=now, dry_run=dry_run, lstat=st)
+        result = sync_file(
+            config, source, user_store, name, now=now, dry_run=dry_run, lstat=st, limiter=limiter
+        )
         stats.record(result)
         if on_result is not None:
             on_result(source, name, result)
@@ -302,6 +347,13 @@ def _pass_user(
                 if pool is None:
                     sync(entry.name, st)
                 else:
+                    if len(pending) >= _MAX_IN_FLIGHT:
+                        # Bounded: a directory of 200,000 files to copy holds a few
+                        # futures at a time, not one per file.
+                        done, rest = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                        pending = list(rest)
                     pending.append(pool.submit(sync, entry.name, st))
     except OSError as e:
         log.error("could not list sessions of %s: %s", escape(source.user), e)

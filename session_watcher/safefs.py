@@ -17,6 +17,7 @@ __all__ = [
     "FILE_FLAGS",
     "Refused",
     "close_quietly",
+    "errno_name",
     "escape",
     "open_dir_at",
     "open_root_dir",
@@ -29,11 +30,25 @@ FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_N
 
 
 class Refused(Exception):
-    """An entry we will not touch (symlink, wrong type, wrong owner, too large): logged, counted."""
+    """An entry we will not touch (symlink, wrong type, wrong owner, too large): logged, counted.
 
-    def __init__(self, reason: str) -> None:
+    `kind` is a word from a small fixed set (`copy.REFUSAL_KINDS`): a metrics label and the
+    key of the per-user log limit; `reason` is the human words for the log line."""
+
+    def __init__(self, reason: str, kind: str = "other") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+
+    @classmethod
+    def of(cls, why: tuple[str, str]) -> Refused:
+        """From a `copy.Refusal` (kind, reason)."""
+        return cls(why[1], why[0])
+
+
+def errno_name(code: int | None) -> str:
+    """ENOSPC, EIO, ...: the one name for an errno in logs, metrics and the state file."""
+    return errno.errorcode.get(code or 0, "unknown")
 
 
 def escape(name: str | bytes) -> str:
@@ -81,8 +96,9 @@ def open_dir_at(parent_fd: int, name: str) -> tuple[int, os.stat_result]:
                 st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
             except OSError:
                 raise e from None
-            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise Refused(kind) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise Refused("a symlink", "symlink") from None
+            raise Refused("not a directory", "other") from None
         raise
     try:
         st = os.fstat(fd)

@@ -10,8 +10,10 @@ import os
 import stat
 import threading
 import time
+from dataclasses import dataclass
 
 from .config import Config
+from .logfmt import fields
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 
 __all__ = [
@@ -57,6 +59,46 @@ def lookup_gid(group: str) -> int | None:
         return None
 
 
+@dataclass
+class Usage:
+    """What one user holds in the store: bytes and files (regular, not our temp files)."""
+
+    nbytes: int = 0
+    files: int = 0
+
+
+def over_quota(usage: Usage, grow: int, new_file: bool, config: Config) -> tuple[str, str] | None:
+    """Refusal (kind, reason) when a copy that grows the user's store by `grow` bytes (and
+    by one file if `new_file`) would take them over `--max-user-bytes` / `--max-user-files`.
+    A copy that does not grow the user (a rewrite, a shrink) always goes."""
+    if new_file and usage.files + 1 > config.max_user_files:
+        return ("quota", f"over the user's limit of {config.max_user_files} files in the store")
+    if grow > 0 and usage.nbytes + grow > config.max_user_bytes:
+        return (
+            "quota",
+            f"over the user's limit of {config.max_user_bytes} bytes in the store "
+            f"(holds {usage.nbytes})",
+        )
+    return None
+
+
+def measure_usage(dir_fd: int) -> Usage:
+    """One scan of a user's store directory (lstat of each entry, nothing opened)."""
+    usage = Usage()
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            if is_temp_name(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                usage.nbytes += st.st_size
+                usage.files += 1
+    return usage
+
+
 class Store:
     """The store root for one pass (or the service's lifetime).
 
@@ -70,6 +112,56 @@ class Store:
         self.dry_run = dry_run
         self._mkdir_lock = threading.Lock()
         self._mode_warned = False
+        # Per-user usage, measured on a user's first copy and kept up to date by each copy:
+        # the service makes a new Store with every full pass, which measures again.
+        self._usage: dict[str, Usage] = {}
+        self._usage_lock = threading.Lock()
+        self._over: set[str] = set()
+
+    def reserve(
+        self, user: str, dir_fd: int | None, grow: int, new_file: bool
+    ) -> tuple[str, str] | None:
+        """Check the user's quota for a copy and count it as done (`release` undoes it when
+        the copy fails): check and count under one lock, so concurrent copies of one user
+        cannot both squeeze under the limit."""
+        with self._usage_lock:
+            usage = self._usage.get(user)
+            if usage is None:
+                usage = Usage() if dir_fd is None else measure_usage(dir_fd)
+                self._usage[user] = usage
+            why = over_quota(usage, grow, new_file, self.config)
+            if why is None:
+                usage.nbytes += grow
+                usage.files += 1 if new_file else 0
+                if (grow > 0 or new_file) and user in self._over:
+                    self._over.discard(user)
+                    log.info("user %s is under the store limits again", escape(user))
+                return None
+            if user not in self._over:  # one WARNING per episode, not one per copy
+                self._over.add(user)
+                log.warning(
+                    "user %s: %s; their new copies are refused",
+                    escape(user),
+                    why[1],
+                    extra=fields(user, reason="quota"),
+                )
+            return why
+
+    def over_quota(self) -> list[str]:
+        with self._usage_lock:
+            return sorted(self._over)
+
+    def release(self, user: str, grow: int, new_file: bool) -> None:
+        with self._usage_lock:
+            usage = self._usage.get(user)
+            if usage is not None:
+                usage.nbytes -= grow
+                usage.files -= 1 if new_file else 0
+
+    def usage(self, user: str) -> Usage | None:
+        with self._usage_lock:
+            u = self._usage.get(user)
+            return None if u is None else Usage(u.nbytes, u.files)
 
     def _adopt(self, fd: int, st: os.stat_result, what: str, *, created: bool = False) -> None:
         """Give a store directory our mode and group (after chown: chown may clear setgid).
@@ -231,6 +323,14 @@ class UserStore:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def reserve(self, grow: int, *, new_file: bool) -> tuple[str, str] | None:
+        """The user's quota for a copy that grows their store by `grow` bytes (and a file):
+        None and counted, or the refusal (kind, reason)."""
+        return self.store.reserve(self.user, self.fd(create=False), grow, new_file)
+
+    def release(self, grow: int, *, new_file: bool) -> None:
+        self.store.release(self.user, grow, new_file)
 
     def close(self) -> None:
         close_quietly(self._fd)

@@ -201,6 +201,22 @@ class Watcher:
                 e,
             )
 
+    def rewatch_root(self) -> None:
+        """The home root was replaced (its watch follows the old directory): watch the
+        directory now at the configured path."""
+        if self._root_watch is not None:
+            try:
+                self._observer.unschedule(self._root_watch)
+            except (KeyError, OSError):
+                pass
+            self._root_watch = None
+        try:
+            self._root_watch = self._observer.schedule(
+                self._handler, self._root_path, recursive=False, event_filter=HOME_ROOT_EVENTS
+            )
+        except OSError as e:
+            log.warning("cannot watch the home root %s (%s)", escape(self._root_path), e)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._observer.stop()
         self._observer.join(timeout)

@@ -1,13 +1,19 @@
-"""Per-file coalescing work queue with adaptive spacing, run by a few worker threads.
+"""Per-file coalescing work queue, fair between users, run by a few worker threads.
 
 Why not a plain queue: a writer that closes a file 10 times a second (Claude Code's 100 ms
 flush) or 1,000 times in a burst must cost a handful of copies, not one per close. Per key
-there is at most one job running and one pending; a new event for a pending key only
-keeps the earliest trigger time. And a key's next run waits `spacing` times as long as its
-last run took, or what the handler asked for with `pace()` (the service: in proportion to
-the bytes copied), capped so that no key lags more than `max_lag`: a 20 MB transcript is
-copied about twice a second while a 10 KB one still lands within a millisecond of its
-close.
+(user, name) there is at most one job running and one pending; a new event for a pending
+key only keeps the earliest trigger time. A key's next run waits at least `min_gap` (a close
+flood costs at most 1 / min_gap copies a second per file) and what the handler asked for
+with `pace()` (the service: in proportion to the bytes copied, so a 20 MB transcript is
+copied about twice a second). The wait never depends on how long the last run took: one slow
+fsync on a busy disk must not hold back the next copy of a small file.
+
+Fairness: due keys are served round robin by user, one running job per user. A user with
+200,000 pending files waits behind their own files, never in front of another user's, and a
+user whose file system blocks holds one worker (which the service replaces: `add_worker`).
+Pending keys are bounded per user; past the bound new keys are shed and `on_shed(user)` is
+called once (the service answers with a pass over that user: nothing is lost).
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["WorkQueue"]
 
 log = logging.getLogger(__name__)
 
 MAX_DELAY = 3600.0  # no key waits longer than this, whatever it asks for
+MAX_EXTRA_WORKERS = 16  # replacements for workers stuck in a user's blocking file system
 
 
 @dataclass
@@ -33,13 +41,25 @@ class _Entry:
     running: bool = False
     due: float = 0.0
     trigger: float | None = None  # wall time of the earliest event this run answers
-    last_end: float = 0.0
-    last_cost: float = 0.0
+    last_end: float = float("-inf")
     min_gap: float = 0.0  # asked for by the handler with `pace()`
+
+
+@dataclass
+class _User:
+    heap: list[tuple[float, int, Hashable]] = field(default_factory=list)
+    pending: int = 0
+    running: bool = False
+    ready: bool = False  # in the round-robin deque
+    shed: bool = False  # keys were dropped since the user was last below the bound
 
 
 # handler(key, trigger) -> optional delay in seconds after which to run the key again
 Handler = Callable[[Hashable, "float | None"], "float | None"]
+
+
+def _user_of(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 class WorkQueue:
@@ -48,75 +68,138 @@ class WorkQueue:
         handler: Handler,
         *,
         workers: int = 4,
-        spacing: float = 3.0,
-        max_lag: float = 1.0,
+        min_gap: float = 0.05,
+        max_pending_per_user: int = 10_000,
+        on_shed: Callable[[Hashable], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "copy",
     ) -> None:
         self._handler = handler
-        self._spacing = spacing
-        self._max_lag = max_lag
+        self._min_gap = min_gap
+        self._max_pending = max_pending_per_user
+        self._on_shed = on_shed
         self._clock = clock
+        self._name = name
         self._cond = threading.Condition()
         self._entries: dict[Hashable, _Entry] = {}
-        self._heap: list[tuple[float, int, Hashable]] = []
+        self._users: dict[Hashable, _User] = {}
+        self._timer: list[tuple[float, int, Hashable]] = []  # (due, seq, user); may be stale
+        self._ready: deque[Hashable] = deque()
         self._seq = itertools.count()
         self._stopping = False
         self._busy = 0
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(workers)
-        ]
+        self._base = workers
+        self._wanted = workers
+        self._live = 0
+        self._threads: list[threading.Thread] = []
+        self._started = False
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        with self._cond:
+            self._started = True
+            for _ in range(self._wanted):
+                self._spawn()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._work, name=f"{self._name}-{next(self._seq)}", daemon=True)
+        self._threads.append(t)
+        self._live += 1
+        t.start()
+
+    def set_extra(self, n: int) -> None:
+        """Run `n` workers more than configured, in place of as many stuck in a blocking
+        system call (bounded by MAX_EXTRA_WORKERS); surplus workers end after their job."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._wanted = self._base + max(0, min(n, MAX_EXTRA_WORKERS))
+            while self._started and self._live < self._wanted:
+                self._spawn()
+            self._cond.notify_all()
+
+    # --- submitting ----------------------------------------------------------------------
 
     def submit(self, key: Hashable, *, trigger: float | None = None, delay: float = 0.0) -> None:
         """Ask for `key` to be handled (again) no sooner than `delay` seconds from now."""
         now = self._clock()
         delay = min(max(0.0, delay), MAX_DELAY)  # a user-set mtime in year 2500 included
+        shed: Hashable | None = None
         with self._cond:
             if self._stopping:
                 return
+            user = _user_of(key)
+            u = self._users.get(user)
+            if u is None:
+                u = self._users[user] = _User()
             e = self._entries.get(key)
-            if e is None:
-                e = self._entries[key] = _Entry()
-            due = max(now + delay, e.last_end + self._gap(e))
-            if trigger is not None and (e.trigger is None or trigger < e.trigger):
-                e.trigger = trigger
-            if e.pending and e.due <= due:
-                return  # already queued, at least as early
-            e.pending = True
-            e.due = due
-            if not e.running:
-                heapq.heappush(self._heap, (due, next(self._seq), key))
-                self._cond.notify()
+            if e is None or not e.pending:
+                if u.pending >= self._max_pending:
+                    if not u.shed:
+                        u.shed = True
+                        shed = user
+                    e = None
+                elif e is None:
+                    e = self._entries[key] = _Entry()
+            if e is not None:
+                self._ask(u, user, key, e, now, delay, trigger)
+        if shed is not None and self._on_shed is not None:
+            self._on_shed(shed)
+
+    def _ask(
+        self,
+        u: _User,
+        user: Hashable,
+        key: Hashable,
+        e: _Entry,
+        now: float,
+        delay: float,
+        trigger: float | None,
+    ) -> None:
+        due = max(now + delay, e.last_end + self._gap(e))
+        if trigger is not None and (e.trigger is None or trigger < e.trigger):
+            e.trigger = trigger
+        if e.pending and e.due <= due:
+            return  # already queued, at least as early
+        if not e.pending:
+            u.pending += 1
+        e.pending = True
+        e.due = due
+        if not e.running:
+            heapq.heappush(u.heap, (due, next(self._seq), key))
+            if not u.running and not u.ready:
+                heapq.heappush(self._timer, (due, next(self._seq), user))
+            self._cond.notify()
 
     def _gap(self, e: _Entry) -> float:
-        # A few times the last run's cost (duty cycle), at least what the handler asked
-        # for, but never so long that the key's data falls more than `max_lag` behind: one
-        # fsync that stalls on a busy disk must not push the next copy out by seconds.
-        want = max(self._spacing * e.last_cost, e.min_gap)
-        return min(want, max(0.0, self._max_lag - e.last_cost))
+        return max(self._min_gap, e.min_gap)
 
     def pace(self, key: Hashable, seconds: float) -> None:
-        """From inside the handler: leave at least `seconds` (capped by `max_lag`) before
-        the key's next run, e.g. in proportion to the bytes a copy wrote."""
+        """From inside the handler: leave at least `seconds` before the key's next run,
+        e.g. in proportion to the bytes a copy wrote."""
         with self._cond:
             e = self._entries.get(key)
             if e is not None:
-                e.min_gap = seconds
+                e.min_gap = min(max(0.0, seconds), MAX_DELAY)
+
+    # --- state -----------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        """At least the configured number of workers are running (stuck ones included)."""
+        with self._cond:
+            return sum(t.is_alive() for t in self._threads) >= self._base
 
     def idle(self) -> bool:
         with self._cond:
-            return self._busy == 0 and not any(e.pending for e in self._entries.values())
+            return self._busy == 0 and not any(u.pending for u in self._users.values())
+
+    def pending(self, user: Hashable) -> int:
+        with self._cond:
+            u = self._users.get(user)
+            return 0 if u is None else u.pending
 
     def prune(self, older_than: float = 60.0) -> None:
-        """Forget keys that have been idle a while (their spacing no longer matters)."""
+        """Forget keys and users that have been idle a while (their spacing no longer
+        matters): memory follows recent activity, not every file ever seen."""
         cutoff = self._clock() - older_than
         with self._cond:
             for key in [
@@ -125,6 +208,12 @@ class WorkQueue:
                 if not e.pending and not e.running and e.last_end < cutoff
             ]:
                 del self._entries[key]
+            for user in [
+                k
+                for k, u in self._users.items()
+                if not u.pending and not u.running and not u.ready and not u.heap
+            ]:
+                del self._users[user]
 
     def __len__(self) -> int:
         with self._cond:
@@ -134,66 +223,123 @@ class WorkQueue:
         """Drop pending work, let running jobs finish; True if all workers ended in time."""
         with self._cond:
             self._stopping = True
-            self._heap.clear()
+            self._timer.clear()
+            self._ready.clear()
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        for t in list(self._threads):
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
-    def _next(self) -> tuple[Hashable, float | None] | None:
-        with self._cond:
-            while not self._stopping:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                due, _, key = self._heap[0]
-                wait = due - self._clock()
-                if wait > 0:
-                    # Bounded: Condition.wait raises OverflowError past ~292 years.
-                    self._cond.wait(min(wait, MAX_DELAY))
-                    continue
-                heapq.heappop(self._heap)
+    # --- workers ---------------------------------------------------------------------------
+
+    def _promote(self, now: float) -> float | None:
+        """Move users whose first key is due onto the round-robin deque; returns the time
+        until the next one is due (None: nothing waits)."""
+        while self._timer:
+            due, _, user = self._timer[0]
+            if due > now:
+                return due - now
+            heapq.heappop(self._timer)
+            u = self._users.get(user)
+            if u is None or u.running or u.ready or not u.heap:
+                continue
+            head = u.heap[0][0]
+            if head > now:  # stale timer item: the user's first key moved later
+                heapq.heappush(self._timer, (head, next(self._seq), user))
+                continue
+            u.ready = True
+            self._ready.append(user)
+        return None
+
+    def _take(self, now: float) -> tuple[Hashable, float | None] | None:
+        while self._ready:
+            user = self._ready.popleft()
+            u = self._users.get(user)
+            if u is None:
+                continue
+            u.ready = False
+            if u.running:
+                continue
+            while u.heap:
+                due, _, key = u.heap[0]
                 e = self._entries.get(key)
                 if e is None or e.running or not e.pending or e.due != due:
-                    continue  # a stale heap item: superseded by an earlier or later submit
+                    heapq.heappop(u.heap)  # stale: superseded by an earlier or later submit
+                    continue
+                if due > now:
+                    heapq.heappush(self._timer, (due, next(self._seq), user))
+                    break
+                heapq.heappop(u.heap)
                 e.pending = False
                 e.running = True
+                u.pending -= 1
+                u.running = True
+                if u.pending < self._max_pending // 2:
+                    u.shed = False
                 trigger, e.trigger = e.trigger, None
                 self._busy += 1
                 return key, trigger
+        return None
+
+    def _next(self) -> tuple[Hashable, float | None] | None:
+        with self._cond:
+            while not self._stopping:
+                if self._live > self._wanted:  # a replacement is no longer needed
+                    return None
+                now = self._clock()
+                wait = self._promote(now)
+                job = self._take(now)
+                if job is not None:
+                    return job
+                # Bounded: Condition.wait raises OverflowError past ~292 years.
+                self._cond.wait(None if wait is None else min(wait, MAX_DELAY))
             return None
 
     def _work(self) -> None:
-        while True:
-            try:
-                job = self._next()
-            except Exception:  # nothing may kill a worker: that would stop every copy
-                log.exception("work queue error")
-                continue
-            if job is None:
-                return
-            key, trigger = job
-            started = self._clock()
-            again: float | None = None
-            try:
-                again = self._handler(key, trigger)
-            except Exception:  # a bug must not kill the worker: log it, keep serving
-                log.exception("unexpected error handling %r", key)
-            ended = self._clock()
+        try:
+            while True:
+                try:
+                    job = self._next()
+                except Exception:  # nothing may kill a worker: that would stop every copy
+                    log.exception("work queue error")
+                    continue
+                if job is None:
+                    return
+                self._run(*job)
+        finally:
             with self._cond:
-                self._busy -= 1
-                e = self._entries[key]
-                e.running = False
-                e.last_end = ended
-                e.last_cost = ended - started
-                if again is not None and not self._stopping:
-                    due = ended + again
-                    if not e.pending or due < e.due:
-                        e.pending = True
-                        e.due = due
-                if e.pending and not self._stopping:
-                    e.due = max(e.due, e.last_end + self._gap(e))
-                    heapq.heappush(self._heap, (e.due, next(self._seq), key))
-                    self._cond.notify()
+                self._live -= 1
+
+    def _run(self, key: Hashable, trigger: float | None) -> None:
+        again: float | None = None
+        try:
+            again = self._handler(key, trigger)
+        except Exception:  # a bug must not kill the worker: log it, keep serving
+            log.exception("unexpected error handling %r", key)
+        ended = self._clock()
+        with self._cond:
+            self._busy -= 1
+            e = self._entries[key]
+            user = _user_of(key)
+            u = self._users[user]
+            e.running = False
+            u.running = False
+            e.last_end = ended
+            if self._stopping:
+                return
+            if again is not None:
+                due = ended + min(max(0.0, again), MAX_DELAY)
+                if not e.pending:
+                    u.pending += 1
+                    e.pending = True
+                    e.due = due
+                elif due < e.due:
+                    e.due = due
+            if e.pending:
+                e.due = max(e.due, e.last_end + self._gap(e))
+                heapq.heappush(u.heap, (e.due, next(self._seq), key))
+            if u.heap and not u.ready:
+                heapq.heappush(self._timer, (u.heap[0][0], next(self._seq), user))
+            self._cond.notify()

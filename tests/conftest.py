@@ -11,16 +11,6 @@ from pathlib import Path
 import pytest
 from helpers import Tree, make_base, remove_base, wait_for
 
-from session_watcher import copy
-
-
-@pytest.fixture(autouse=True)
-def fresh_refusal_warnings() -> None:
-    """Each test starts as a new process would: every refused entry warns once again (the
-    engine remembers, per process, which it warned about; inode numbers of one test's
-    files come back in the next test's)."""
-    copy.forget_warnings()
-
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:

@@ -139,11 +139,14 @@ def test_enospc_exits_1_leaves_no_temp_file_and_no_traceback(
     r = run_cli("reconcile", *tree.cli_args("--json", "--target", str(target)))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
+    # One ERROR line for the user's ENOSPC however many files hit it (rate-limited per user
+    # and kind). Copies run side by side, so the small one may fail too while the big one's
+    # temp file fills the store: which is a race, that nothing is left behind is not.
     (error,) = messages(r.stderr, "ERROR")  # log_of also proves every line is a log record
-    assert "'alice/big.jsonl'" in error and "ENOSPC" in error
-    assert sorted(os.listdir(target / "alice")) == ["small.jsonl"]
+    assert "ENOSPC" in error
     c = counts_of(r.stdout)
-    assert (c["files_copied"], c["files_failed"]) == (1, 1)
+    assert c["files_failed"] >= 1 and c["files_copied"] + c["files_failed"] == 2
+    assert set(os.listdir(target / "alice")) <= {"small.jsonl"}  # no temp file, no big one
 
 
 @pytest.mark.parametrize(
@@ -277,7 +280,8 @@ def test_max_file_bytes_refuses_large_and_sparse_files(tree: Tree) -> None:
     c = counts_of(r.stdout)
     assert (c["files_copied"], c["files_refused"]) == (1, 2)
     warnings = messages(r.stderr, "WARNING")
-    assert len(warnings) == 2 and all("over the limit of 1000" in w for w in warnings)
+    # One line per user and kind (the second "size" refusal is counted, not printed).
+    assert len(warnings) == 1 and "over the limit of 1000" in warnings[0]
     assert os.listdir(tree.target / "alice") == ["small.jsonl"]
 
 

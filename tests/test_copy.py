@@ -29,6 +29,7 @@ from session_watcher.copy import (
     sync_file,
 )
 from session_watcher.homes import is_session_name
+from session_watcher.ratelimit import LogLimiter
 from session_watcher.store import (
     TEMP_PREFIX,
     Store,
@@ -52,6 +53,7 @@ class Engine:
         self.store = Store(config, lookup_gid(config.group), dry_run=dry_run)
         self.root_fd = self.store.open_root(create=True)
         self.user_store = UserStore(self.store, self.root_fd, u.name)
+        self.limiter = LogLimiter()
 
     def sync(
         self, name: str, *, now: float | None = None, lstat: os.stat_result | None = None
@@ -64,6 +66,7 @@ class Engine:
             now=time.time() if now is None else now,
             dry_run=self.dry_run,
             lstat=lstat,
+            limiter=self.limiter,
         )
 
     def close(self) -> None:

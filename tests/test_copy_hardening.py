@@ -26,10 +26,10 @@ from session_watcher.copy import (
     is_hot,
     recheck_time,
     refusal,
-    refusal_kind,
     sync_file,
 )
 from session_watcher.metrics import Metrics
+from session_watcher.ratelimit import LogLimiter
 from session_watcher.store import Store, UserStore, lookup_gid
 
 LINE = b'{"type":"user","message":"hello"}\n'
@@ -44,6 +44,7 @@ def sync(tree: Tree) -> Iterator[Sync]:
     u = tree.add_user("alice")
     src_fd = os.open(u.sessions, os.O_RDONLY | os.O_DIRECTORY)
     opened: list[tuple[UserStore, int | None]] = []
+    limiter = LogLimiter()  # one per test, as the service has one for its lifetime
 
     def run(name: str, *, now: float | None = None, **overrides: object) -> Result:
         config: Config = tree.config(**overrides)
@@ -57,6 +58,7 @@ def sync(tree: Tree) -> Iterator[Sync]:
             user_store,
             name,
             now=time.time() if now is None else now,
+            limiter=limiter,
         )
 
     yield run
@@ -138,8 +140,10 @@ def test_a_sparse_suspect_that_is_dense_on_disk_is_copied(
     os.utime(tree.source("alice", "compressed.jsonl"), (1_700_000_000, 1_700_000_000))
     real = copy_mod.refusal
 
-    def as_if_compressed(st: os.stat_result, owner_uid: int, max_bytes: int) -> Refusal | None:
-        why = real(st, owner_uid, max_bytes)
+    def as_if_compressed(
+        st: os.stat_result, owner_uid: int, max_bytes: int, dev: int | None = None
+    ) -> Refusal | None:
+        why = real(st, owner_uid, max_bytes, dev)
         return why or Refusal("sparse", f"sparse: 4096 bytes allocated of {st.st_size}")
 
     monkeypatch.setattr(copy_mod, "refusal", as_if_compressed)
@@ -151,9 +155,10 @@ def test_sparse_is_a_bounded_metrics_label_that_does_not_depend_on_wording() -> 
     assert "sparse" in REFUSAL_KINDS
     m = Metrics()
     m.record(Result(Outcome.REFUSED, detail="reworded: mostly holes", kind="sparse"))
-    m.record(Result(Outcome.REFUSED, detail="sparse: 4096 bytes allocated of 67108864"))
+    m.record(
+        Result(Outcome.REFUSED, detail="sparse: 4096 bytes allocated of 67108864", kind="sparse")
+    )
     assert m.refusals.labels(reason="sparse")._value.get() == 2
-    assert refusal_kind("a FIFO") == "fifo" and refusal_kind("new words") == "other"
 
 
 # --- hot files: a bounded tail scan, and only when hot -------------------------------------
@@ -291,9 +296,10 @@ def test_many_threads_on_one_refused_entry_give_one_warning(
     assert len(log_lines(caplog.records, logging.WARNING)) == 1
 
 
-def test_the_warned_memory_is_bounded_and_forgets_the_oldest() -> None:
-    w = copy_mod._Warned(3)
-    keys = [("alice", f"{i}.jsonl", 1, i, "fifo") for i in range(4)]
-    assert [w.first(k) for k in keys] == [True] * 4  # the 4th evicts the 1st
-    assert not w.first(keys[3]) and not w.first(keys[2])
-    assert w.first(keys[0])  # forgotten: warns again (bounded memory, not silence)
+def test_the_log_limiter_memory_is_bounded_and_forgets_the_oldest() -> None:
+    t = [0.0]
+    w = LogLimiter(60.0, clock=lambda: t[0], size=3)
+    keys = [(f"u{i}", "fifo") for i in range(4)]
+    assert [w.admit(*k)[0] for k in keys] == [True] * 4  # the 4th evicts the 1st
+    assert not w.admit(*keys[3])[0] and not w.admit(*keys[2])[0]
+    assert w.admit(*keys[0])[0]  # forgotten: logs again (bounded memory, not silence)

@@ -206,18 +206,18 @@ def test_atomic_file_warns_once_and_is_rate_limited(
 
 def test_labels_are_bounded() -> None:
     m = Metrics()
-    for detail in (
-        "a symlink",
-        "a FIFO",
-        "a socket",
-        "a directory",
-        "a character device",
-        "a block device",
-        "owned by uid 0, not by the home's owner 1000",
-        "2000000000 bytes, over the limit of 1073741824",
-        "something 'alice/evil\\nname.jsonl' new",
+    for kind, detail in (
+        ("symlink", "a symlink"),
+        ("fifo", "a FIFO"),
+        ("socket", "a socket"),
+        ("directory", "a directory"),
+        ("device", "a character device"),
+        ("device", "a block device"),
+        ("owner", "owned by uid 0, not by the home's owner 1000"),
+        ("size", "2000000000 bytes, over the limit of 1073741824"),
+        (None, "something 'alice/evil\\nname.jsonl' new"),
     ):
-        m.record(Result(Outcome.REFUSED, detail=detail))
+        m.record(Result(Outcome.REFUSED, detail=detail, kind=kind))
     m.record(Result(Outcome.FAILED, errno=errno.ENOSPC))
     m.record(Result(Outcome.FAILED, errno=None))
     m.record(Result(Outcome.FAILED, errno=99999))
@@ -232,7 +232,7 @@ def test_labels_are_bounded() -> None:
     assert set(reasons) == set(REFUSAL_KINDS)
     assert reasons["device"] == 2 and reasons["other"] == 1 and reasons["size"] == 1
     assert value(text, "session_watcher_failures_total", errno="ENOSPC") == 1
-    assert value(text, "session_watcher_failures_total", errno="other") == 2
+    assert value(text, "session_watcher_failures_total", errno="unknown") == 2
     assert value(text, "session_watcher_last_pass_files_copied") == 3
     assert value(text, "session_watcher_passes_total", scope="users") == 1
     assert "alice" not in text

@@ -13,8 +13,8 @@ from helpers import Tree, run_cli, wait_for
 from test_service import line
 
 from session_watcher.copy import Result, SourceDir
+from session_watcher.live import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, retry_delay
 from session_watcher.reconcile import reconcile
-from session_watcher.service import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, retry_delay
 from session_watcher.workqueue import WorkQueue
 
 

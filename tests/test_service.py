@@ -443,7 +443,7 @@ def test_signal_handler_takes_no_lock(tree: Tree) -> None:
     try:
 
         def signals_while_locked() -> None:
-            with svc._lock:
+            with svc.walker._cond, svc.reporter._lock:
                 svc._signal(signal.SIGHUP, None)
                 svc._signal(signal.SIGTERM, None)
 
@@ -453,7 +453,7 @@ def test_signal_handler_takes_no_lock(tree: Tree) -> None:
         assert not t.is_alive(), "the signal handler blocked on the service's lock"
         assert svc._stop.is_set()  # seen at once, e.g. by the initial pass
         svc._take_signals()  # what the control loop does next
-        assert svc._pass_asked and svc._pass_users is None
+        assert svc.walker._pass_asked and svc.walker._pass_users is None
     finally:
         svc.watcher.stop()
 
@@ -556,7 +556,7 @@ def test_home_root_gone_during_the_service_is_one_line_and_it_recovers(
         svc.send(signal.SIGHUP)  # a full pass with the home root gone
         failed = svc.wait_log("pass failed: ")
         assert " ERROR " in failed[0]
-        svc.wait_log("cannot scan the home root")  # the control loop's rescan, still alive
+        svc.wait_log("rescan failed")  # the walker's 5 s poll, still alive
     finally:
         aside.rename(tree.home_root)
     assert "Traceback" not in svc.log()

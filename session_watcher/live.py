@@ -1,0 +1,186 @@
+"""Live copies: what a worker does for one (user, name) an event asked for, and when to try
+again after a failure. Everything the copy needs from the rest of the service (the store
+of the moment, the counters, the stuck guard, the clock) is passed in."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from .config import Config
+from .copy import Outcome, Result, SourceDir, sync_file
+from .homes import HomeRefused, open_home
+from .logfmt import fields
+from .ratelimit import ByteBudget, LogLimiter
+from .safefs import Refused, close_quietly, errno_name, escape, open_root_dir
+from .store import Store, UserStore
+from .stuck import StuckGuard, UserStuck
+from .workqueue import WorkQueue
+
+__all__ = ["PACE_BYTES_PER_SECOND", "LiveCopier", "retry_delay"]
+
+log = logging.getLogger(__name__)
+
+PACE_BYTES_PER_SECOND = 40e6  # a copy of N bytes waits N / this before the file's next one
+# A failed copy (ENOSPC, EIO, ...) is tried again after 2 s, then after as long as it has
+# been failing (so about 4, 8, ...), at most a minute (`retry_delay`): a session that went
+# idle while the store was full still lands soon after space is back.
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 60.0
+STUCK_RETRY_SECONDS = 30.0  # a stuck user's file is looked at again this much later
+
+
+def retry_delay(failing_for: float) -> float:
+    """Wait before the next try of a copy that has been failing for `failing_for` seconds:
+    2 s at first, then as long as it has been failing (so about doubling), at most 60 s."""
+    return min(RETRY_MAX_SECONDS, max(RETRY_FIRST_SECONDS, failing_for))
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the live copier calls back: the store of the moment (each full pass makes a
+    new one) and where results are counted."""
+
+    store: Callable[[], Store]
+    count: Callable[[Result], None]
+
+
+class LiveCopier:
+    def __init__(
+        self,
+        config: Config,
+        wiring: Wiring,
+        guard: StuckGuard,
+        limiter: LogLimiter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        on_shed: Callable[[Hashable], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.wiring = wiring
+        self.guard = guard
+        self.limiter = limiter
+        self._clock = clock
+        self._wall = wall
+        self.budget = ByteBudget(
+            config.user_write_mb_s * 1e6, config.user_write_mb_s * 16e6, clock=clock
+        )
+        self.queue = WorkQueue(self.handle, workers=config.workers, on_shed=on_shed, clock=clock)
+        self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing
+
+    def submit(self, user: str, name: str, when: float | None, delay: float) -> None:
+        """From the watcher (its reader thread): quick, no I/O."""
+        self.queue.submit((user, name), trigger=when, delay=delay)
+
+    def handle(self, key: Hashable, trigger: float | None) -> float | None:
+        """The queue's handler: copy once; returns when to look at the key again."""
+        assert isinstance(key, tuple)
+        user, name = key[0], key[1]
+        try:
+            with self.guard.io(user):
+                result = self._copy(user, name, trigger)
+        except UserStuck:
+            return STUCK_RETRY_SECONDS
+        if result is None:
+            self.retry_after(key, None)
+            return None
+        self.wiring.count(result)
+        if result.outcome is Outcome.COPIED:
+            # Copies of a big hot file are spaced by their size too, so a 20 MB transcript
+            # closed every 100 ms is copied about twice a second, not ten times.
+            self.queue.pace(key, result.nbytes / PACE_BYTES_PER_SECOND)
+        retry = self.retry_after(key, result)
+        if retry is not None:
+            return retry
+        if result.recheck_at is not None:
+            return max(0.0, result.recheck_at - self._wall())
+        return None
+
+    def _copy(self, user: str, name: str, trigger: float | None) -> Result | None:
+        cfg = self.config
+        home_fd: int | None = None
+        source: SourceDir | None = None
+        store_fd: int | None = None
+        user_store: UserStore | None = None
+        store = self.wiring.store()
+        try:
+            home_fd = open_root_dir(cfg.home_root)
+            try:
+                source = open_home(home_fd, user, cfg)
+            except HomeRefused as e:
+                self.limiter.log(
+                    log,
+                    logging.WARNING,
+                    user,
+                    "refused:" + e.kind,
+                    "refused user %s: %s",
+                    escape(user),
+                    e.reason,
+                    extra=fields(user, reason=e.kind),
+                )
+                return None
+            if source is None:
+                return None
+            try:
+                store_fd = store.open_root(create=True)
+            except Refused as e:  # the store root swapped for a symlink: never followed
+                raise OSError(errno.ELOOP, f"store root: {e.reason}") from None
+            user_store = UserStore(store, store_fd, user)
+            return sync_file(
+                cfg,
+                source,
+                user_store,
+                name,
+                now=self._wall(),
+                since=trigger,
+                limiter=self.limiter,
+                admit=lambda n: self.budget.admit(user, n),
+            )
+        except OSError as e:
+            self.limiter.log(
+                log,
+                logging.ERROR,
+                user,
+                "failed:" + errno_name(e.errno),
+                "failed %s: %s",
+                escape(f"{user}/{name}"),
+                e,
+                extra=fields(user, name, errno=errno_name(e.errno)),
+            )
+            return Result(Outcome.FAILED, detail=str(e), errno=e.errno)
+        finally:
+            if user_store is not None:
+                user_store.close()
+            close_quietly(store_fd)
+            if source is not None:
+                os.close(source.fd)
+            close_quietly(home_fd)
+
+    def retry_after(self, key: Hashable, result: Result | None) -> float | None:
+        """Seconds until a failed copy is tried again (None: it did not fail).
+
+        The wait grows with how long the file has been failing (2 s, then about doubling
+        with each timed retry, at most a minute), not with how many times: a writer that
+        closes every 100 ms while the store is full for two seconds must not push its
+        file's next try a minute past the moment space comes back."""
+        now = self._clock()
+        if result is None or result.outcome is not Outcome.FAILED:
+            self._failed.pop(key, None)
+            return None
+        since = self._failed.setdefault(key, now)  # dict ops are atomic under the GIL
+        return retry_delay(now - since)
+
+    def after_pass(self, source: SourceDir, name: str, result: Result) -> None:
+        """A pass's result for one file: a failure is retried on the live timer, a held-back
+        tail is looked at again when the source will be quiet."""
+        key = (source.user, name)
+        retry = self.retry_after(key, result)
+        if retry is not None:
+            self.queue.submit(key, delay=retry)
+        elif result.recheck_at is not None:
+            self.queue.submit(key, delay=max(0.0, result.recheck_at - self._wall()))

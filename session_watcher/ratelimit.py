@@ -1,0 +1,171 @@
+"""Per-user rate limits: log lines a user can cause, and bytes a user's files can make us write.
+
+Both are decisions over numbers and a time that the caller passes in, so tests drive them on
+synthetic time; the callers (the copy engine, the live copier) own the effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LOG_WINDOW_SECONDS", "ByteBudget", "LogLimiter", "TokenBucket"]
+
+# A user may cause one WARNING/ERROR line per kind, then one summary with a count at most
+# this often, however fast they repeat the cause (a FIFO opened in a loop, a symlink swap
+# between two events, a file truncated and rewritten, a full store on every close).
+LOG_WINDOW_SECONDS = 60.0
+# How many (user, kind) windows are remembered: bounded memory whatever users do; an
+# evicted window only means its next line is logged again.
+_LIMITER_MAX = 16384
+
+
+@dataclass
+class _Window:
+    opened: float
+    suppressed: int = 0
+
+
+class LogLimiter:
+    """One line per (user, kind) per window; repeats are counted and summarised once the
+    window has passed ("... and N more like it"), when the next one comes. Thread-safe.
+
+    Owned by whoever logs (the service for its lifetime, a `reconcile` run for its pass):
+    no module-level state. `clock` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        window: float = LOG_WINDOW_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        size: int = _LIMITER_MAX,
+    ) -> None:
+        self.window = window
+        self._clock = clock
+        self._size = size
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[tuple[str, str], _Window] = OrderedDict()
+        self.suppressed_total = 0
+
+    def admit(self, user: str, kind: str) -> tuple[bool, int]:
+        """(log this one?, how many were suppressed before it in the last window)."""
+        now = self._clock()
+        key = (user, kind)
+        with self._lock:
+            w = self._windows.get(key)
+            if w is None or now - w.opened >= self.window:
+                before = 0 if w is None else w.suppressed
+                self._windows[key] = _Window(now)
+                self._windows.move_to_end(key)
+                if len(self._windows) > self._size:
+                    self._windows.popitem(last=False)
+                return True, before
+            w.suppressed += 1
+            self.suppressed_total += 1
+            return False, 0
+
+    def log(
+        self,
+        logger: logging.Logger,
+        level: int,
+        user: str,
+        kind: str,
+        msg: str,
+        *args: object,
+        extra: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Log `msg` at `level` if (user, kind) may; else at DEBUG (still there with -v).
+        Returns whether it went out at `level`."""
+        ok, before = self.admit(user, kind)
+        if not ok:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(msg, *args, extra=extra)
+            return False
+        if before:
+            msg += " (and %d more like it in the last %.0f s)"
+            args = (*args, before, self.window)
+        logger.log(level, msg, *args, extra=extra)
+        return True
+
+    def forget(self) -> None:
+        with self._lock:
+            self._windows.clear()
+
+
+class TokenBucket:
+    """`rate` units per second, up to `burst` saved. Not thread-safe (ByteBudget locks)."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = now
+
+    def refill(self, now: float) -> None:
+        if now > self.at:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = max(self.at, now)
+
+    def wait_for(self, need: float, now: float) -> float:
+        """Seconds until `need` units are there (0: now)."""
+        self.refill(now)
+        if self.tokens >= need:
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+
+class ByteBudget:
+    """What one user's files may make the service write: `rate` bytes/s with a `burst`.
+
+    A copy of at most `small` bytes always goes at once (a live transcript's copy is a few
+    KB to a few MB: never held back by this), and is charged. A larger copy waits until the
+    bucket holds min(its size, burst), then is charged in full: the bucket may go into
+    debt, so a 1 GB file `touch`ed in a loop is copied about once per 1 GB / rate, while
+    the user's small transcripts keep landing. Per user, so nobody pays for another.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        small: int = 1 << 20,
+        clock: Callable[[], float] = time.monotonic,
+        size: int = _LIMITER_MAX,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.small = small
+        self._clock = clock
+        self._size = size
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def admit(self, user: str, nbytes: int) -> float:
+        """0.0: write `nbytes` now (charged). Otherwise the seconds to wait (not charged)."""
+        if self.rate <= 0:  # 0 = no budget
+            return 0.0
+        now = self._clock()
+        with self._lock:
+            b = self._buckets.get(user)
+            if b is None:
+                b = self._buckets[user] = TokenBucket(self.rate, self.burst, now)
+                if len(self._buckets) > self._size:
+                    # A full bucket forgotten costs nothing; a user in debt forgotten gets
+                    # a fresh burst. Bounded by users with copies in the last few minutes.
+                    self._buckets.popitem(last=False)
+            self._buckets.move_to_end(user)
+            if nbytes > self.small:
+                wait = b.wait_for(min(float(nbytes), self.burst), now)
+                if wait > 0:
+                    return wait
+            else:
+                b.refill(now)
+            b.tokens -= nbytes
+            return 0.0
