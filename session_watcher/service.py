@@ -210,7 +210,7 @@ class Service:
             guard=self.guard.io,
         )
         self.reporter.pass_done(stats, full=full)
-        if full and not self._first_pass.is_set():
+        if full and not self._first_pass.is_set() and not self._stop.is_set():
             self.watchset.started = True
             log.info(
                 "ready: watching %d users (%d files copied at start)",

@@ -478,6 +478,23 @@ def test_notify_ready_watchdog_stopping(
     assert msgs.index("READY=1") < msgs.index("STOPPING=1")
 
 
+def test_no_ready_when_sigterm_came_during_the_first_pass(
+    tree: Tree, start: StartFn, notify_path: NotifySocket
+) -> None:
+    # Review defect 7: READY=1 then STOPPING=1 told systemd a service was up that was
+    # already on its way down.
+    alice = tree.add_user("alice")
+    for i in range(3000):
+        tree.write_fast(alice, f"s{i}.jsonl", line(i))
+    env = {"NOTIFY_SOCKET": notify_path.address, "WATCHDOG_USEC": ""}
+    svc = start("--workers", "1", env=env, ready=False)
+    svc.wait_log("copied '", timeout=START_TIMEOUT)  # the first pass is under way
+    assert svc.stop() == 0
+    msgs = notify_path.wait("STOPPING=1")
+    assert "READY=1" not in msgs
+    assert "ready: watching" not in svc.log()
+
+
 def test_notify_abstract_socket_address(tree: Tree, start: StartFn) -> None:
     tree.add_user("alice")
     ns = NotifySocket(f"@sw-test-{uuid.uuid4().hex}")
