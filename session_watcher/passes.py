@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .stuck import Retired
+
 __all__ = ["OVERFLOW_SPACING", "Walker", "WalkerJobs"]
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,8 @@ class Walker:
                     self._jobs.retry_degraded()
                 else:
                     self._jobs.run_pass(arg)  # type: ignore[arg-type]
+            except Retired:  # replaced while stuck: the new walker has the work
+                return
             except OSError as e:  # an unusable root this time; the next one tries again
                 log.error("%s failed: %s", kind, e)
             except Exception:  # a bug: the traceback is what a developer needs

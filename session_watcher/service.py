@@ -199,7 +199,7 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            self.store = store_for(self.config)
+            self.store = store_for(self.config).inherit(self.store)
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
@@ -233,6 +233,7 @@ class Service:
         """Users whose I/O has not come back: replace the threads they hold."""
         for _user, thread in self.guard.sweep():
             if thread is self.walker.thread:
+                self.guard.retire(thread)
                 self.walker.replace()
         blocked = self.guard.blocked_threads()
         self.queue.set_extra(sum(1 for t in blocked if t.name.startswith("copy-")))

@@ -126,9 +126,11 @@ class Store:
         cannot both squeeze under the limit."""
         with self._usage_lock:
             usage = self._usage.get(user)
-            if usage is None:
-                usage = Usage() if dir_fd is None else measure_usage(dir_fd)
-                self._usage[user] = usage
+        if usage is None:  # measured outside the lock: one user's big directory holds nobody
+            measured = Usage() if dir_fd is None else measure_usage(dir_fd)
+            with self._usage_lock:
+                usage = self._usage.setdefault(user, measured)
+        with self._usage_lock:
             why = over_quota(usage, grow, new_file, self.config)
             if why is None:
                 usage.nbytes += grow
@@ -146,6 +148,16 @@ class Store:
                     extra=fields(user, reason="quota"),
                 )
             return why
+
+    def inherit(self, old: Store) -> Store:
+        """Carry over who is over their limit from the Store this one replaces (each full
+        pass makes a new Store, which measures usage afresh), so that `status` keeps
+        showing them and the episode's WARNING is not repeated."""
+        with old._usage_lock:
+            over = set(old._over)
+        with self._usage_lock:
+            self._over |= over
+        return self
 
     def over_quota(self) -> list[str]:
         with self._usage_lock:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .logfmt import fields
 from .safefs import escape
 
-__all__ = ["StuckGuard", "UserStuck"]
+__all__ = ["Retired", "StuckGuard", "UserStuck"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ class UserStuck(Exception):
     def __init__(self, user: str) -> None:
         super().__init__(user)
         self.user = user
+
+
+class Retired(BaseException):
+    """Raised in a thread that was replaced while it was stuck, as soon as its call returns
+    (and at its next `io`): its owner has handed the work to another thread, so this one
+    must not go on changing shared state. A BaseException, so that the `except Exception`
+    and `except OSError` on its way out do not swallow it; `finally` blocks still run."""
 
 
 @dataclass
@@ -63,10 +70,20 @@ class StuckGuard:
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count()
         self._stuck: dict[str, int] = {}  # user -> stuck calls still in the kernel
+        self._retired: set[threading.Thread] = set()
+
+    def retire(self, thread: threading.Thread) -> None:
+        """`thread` has been replaced: it ends (`Retired`) once its stuck call returns."""
+        with self._lock:
+            self._retired.add(thread)
 
     @contextmanager
     def io(self, user: str) -> Iterator[None]:
+        me = threading.current_thread()
         with self._lock:
+            if me in self._retired:
+                self._retired.discard(me)
+                raise Retired
             if user in self._stuck:
                 raise UserStuck(user)
             ident = next(self._ids)
@@ -75,8 +92,12 @@ class StuckGuard:
             yield
         finally:
             back = False
+            retired = False
             with self._lock:
                 call = self._calls.pop(ident)
+                if me in self._retired:
+                    self._retired.discard(me)
+                    retired = True
                 if call.reported:
                     left = self._stuck[user] - 1
                     if left:
@@ -93,6 +114,8 @@ class StuckGuard:
                 )
                 if self._on_unstuck is not None:
                     self._on_unstuck(user)
+            if retired:
+                raise Retired
 
     def sweep(self) -> list[tuple[str, threading.Thread]]:
         """Calls that have just passed the bound: (user, the thread blocked in it). Each is

@@ -20,7 +20,7 @@ from session_watcher.passes import OVERFLOW_SPACING, Walker, WalkerJobs
 from session_watcher.ratelimit import ByteBudget, LogLimiter
 from session_watcher.reconcile import reconcile
 from session_watcher.store import Store, Usage, UserStore, lookup_gid, over_quota
-from session_watcher.stuck import StuckGuard, UserStuck
+from session_watcher.stuck import Retired, StuckGuard, UserStuck
 
 LINE = b'{"type":"user","text":"hello"}\n'
 
@@ -113,6 +113,32 @@ def test_stuck_guard_reports_once_skips_the_user_and_lets_them_back(
     assert not g.is_stuck("mallory") and back == ["mallory"]
     stuck = [r for r in caplog.records if getattr(r, "reason", None) == "stuck"]
     assert len(stuck) == 1 and stuck[0].levelno == logging.WARNING
+
+
+def test_a_replaced_thread_ends_when_its_stuck_call_returns() -> None:
+    clock = Clock()
+    g = StuckGuard(1.0, clock=clock)
+    entered, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    def walker_job() -> None:
+        try:
+            with g.io("mallory"):
+                entered.set()
+                release.wait(10)
+            outcome.append("went on")  # must not: another thread has its work
+        except Retired:
+            outcome.append("retired")
+
+    t = threading.Thread(target=walker_job)
+    t.start()
+    assert entered.wait(5)
+    clock.t += 1.0
+    ((_, thread),) = g.sweep()
+    g.retire(thread)
+    release.set()
+    t.join(5)
+    assert outcome == ["retired"]
 
 
 # --- the walker: coalescing, overflow spacing -----------------------------------------------------
