@@ -354,7 +354,8 @@ def quick_skip(
 ) -> bool:
     """The no-op path of a pass: the scan's lstat plus one lstat of the target say the store
     is up to date. No open, no lock, no retry loop: this runs 100,000 times in a pass over
-    1,000 users, and the overhead around the two stat calls was 40% of its time."""
+    1,000 users, and the overhead around the two stat calls was 40% of its time. May raise
+    the store side's OSError (EIO, ENAMETOOLONG): `sync_file` turns that into FAILED."""
     return refusal(lstat, source.uid, config.max_file_bytes) is None and is_up_to_date(
         lstat, store.lstat(name)
     )
@@ -377,8 +378,12 @@ def sync_file(
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
     the event that asked for this copy, for the latency in the log line.
     """
-    if lstat is not None and quick_skip(config, source, store, name, lstat):
-        return _SKIPPED
+    if lstat is not None:
+        try:
+            if quick_skip(config, source, store, name, lstat):
+                return _SKIPPED
+        except OSError:
+            pass  # the store side (EIO, ENAMETOOLONG): met again below, and counted FAILED
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
