@@ -553,8 +553,9 @@ def _install(
     )
     installed = False
     try:
-        # Held until the rename: a temp file nobody holds a lock on is a crash's leftover,
-        # which the next pass removes at once instead of an hour later (store.py).
+        # Taken before the first byte and held until the rename: a temp file with data
+        # that nobody holds a lock on is a dead process's leftover, which any pass (the
+        # restarted service's first one too) removes at once (store.ORPHAN_TEMP_SECONDS).
         fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
         gid = store.store.gid
         if gid is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -316,14 +317,20 @@ def test_odd_names_are_logged_escaped_one_record_per_line(tree: Tree) -> None:
     )
 
 
-def test_temp_files_of_a_crash_are_swept_only_when_stale(tree: Tree) -> None:
+def test_temp_files_of_a_crash_are_swept_but_not_those_of_a_live_copy(tree: Tree) -> None:
     tree.add_user("alice")
     tree.write("alice", "s.jsonl", LINE)
     assert run_cli("reconcile", *tree.cli_args()).returncode == 0
-    fresh = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000aa.tmp"
-    fresh.write_bytes(b"in flight")
-    assert run_cli("reconcile", *tree.cli_args()).returncode == 0
-    assert fresh.exists()
+    live = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000aa.tmp"
+    dead = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000bb.tmp"
+    dead.write_bytes(b"half a cop")
+    with live.open("wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a copy in flight holds it
+        f.write(b"in flight")
+        f.flush()
+        assert run_cli("reconcile", *tree.cli_args()).returncode == 0
+    assert live.exists()
+    assert not dead.exists()
 
 
 def test_version_via_python_m() -> None:

@@ -176,8 +176,10 @@ def test_remove_stale_temps_removes_only_old_temps_of_ours(tree: Tree) -> None:
     d = tree.base / "userstore"
     d.mkdir()
     ours = [f"{TEMP_PREFIX}{i:016x}.tmp" for i in range(3)]
-    for n in [*ours, "a.jsonl", ".other.tmp", ".session-watcher.keep.jsonl"]:
+    for n in ["a.jsonl", ".other.tmp", ".session-watcher.keep.jsonl"]:
         (d / n).write_bytes(b"x")
+    for n in ours:  # empty: they may be copies between their create and their flock
+        (d / n).write_bytes(b"")
     (d / f"{TEMP_PREFIX}dir.tmp").mkdir()
     store = Store(tree.config(), TEST_GID)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)

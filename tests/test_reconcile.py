@@ -14,7 +14,7 @@ import pytest
 from helpers import IS_ROOT, STATS_KEYS, TEST_GID, Tree, log_lines, root_only, snapshot
 
 from session_watcher import Config, PassStats, reconcile
-from session_watcher.store import TEMP_PREFIX
+from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
 
 LINE = b'{"type":"user","message":"hi"}\n'
 
@@ -351,10 +351,13 @@ def test_stale_temps_are_removed_at_the_start_of_a_pass(tree: Tree) -> None:
     reconcile(tree.config())
     crashed = tree.target / "alice" / f"{TEMP_PREFIX}deadbeefdeadbeef.tmp"
     crashed.write_bytes(b"half a cop")
+    born = tree.target / "alice" / f"{TEMP_PREFIX}0123456789abcdef.tmp"
+    born.write_bytes(b"")
     reconcile(tree.config())
-    assert crashed.exists()  # fresh: it may be a copy in flight
-    reconcile(tree.config(), now=lambda: time.time() + 2 * 3600)
-    assert not crashed.exists()
+    assert not crashed.exists()  # data and no lock: its copier is dead, whatever its age
+    assert born.exists()  # empty and fresh: it may be a copy between its create and flock
+    reconcile(tree.config(), now=lambda: time.time() + ORPHAN_TEMP_SECONDS + 1)
+    assert not born.exists()
     assert sorted(os.listdir(tree.target / "alice")) == ["a.jsonl"]
 
 

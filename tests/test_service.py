@@ -565,3 +565,46 @@ def test_home_root_gone_during_the_service_is_one_line_and_it_recovers(
     tree.write(alice, "after.jsonl", line(1))
     wait_stored(tree, alice, "after.jsonl", line(1), timeout=15)
     assert svc.stop() == 0
+
+
+# --- issue 10 -------------------------------------------------------------------------------
+
+
+def test_temp_file_of_a_copy_killed_mid_way_is_gone_within_seconds_of_the_restart(
+    tree: Tree, start: StartFn
+) -> None:
+    """Issue 10, defect 2: `kill -9` during a big copy and a restart left the dead copy's
+    temp file (505 MB in the review) in the store until the next periodic pass: the
+    restart's own pass kept any unlocked temp file under 10 s old, longer than the unit's
+    RestartSec=5s. A temp file with data that nobody holds a lock on is now a dead
+    process's, whatever its age."""
+    alice = tree.add_user("alice")
+    data = line(0, pad=1 << 20) * 128  # 128 MB: its copy and fsync take a while
+    staged = alice.home / "big.staged"  # outside the sessions directory: no event yet
+    staged.write_bytes(data)
+    os.chown(staged, alice.uid, alice.gid)
+    svc = start()
+    os.rename(staged, alice.sessions / "big.jsonl")  # IN_MOVED_TO: the copy starts
+
+    def mid_copy() -> list[Path]:
+        return [p for p in temp_files(tree.target) if p.stat().st_size > 0]
+
+    dead = wait_for(mid_copy, timeout=15, interval=0.001, what="a temp file with data")
+    svc.proc.kill()  # SIGKILL: no clean-up runs
+    svc.proc.wait(10)
+    assert all(p.exists() for p in dead), "the copy finished before the kill"
+
+    start()  # at once, as a hand restart would (systemd waits RestartSec=5s)
+    wait_for(
+        lambda: not any(p.exists() for p in dead),
+        timeout=5,
+        what="the killed copy's temp file to be removed",
+    )
+    stored = tree.stored(alice, "big.jsonl")
+    wait_for(
+        lambda: stored.exists() and stored.stat().st_size == len(data),
+        timeout=30,
+        what="the restarted service to copy the file",
+    )
+    assert stored.read_bytes() == data
+    wait_for(lambda: temp_files(tree.target) == [], timeout=5, what="no temp file at all")
