@@ -371,14 +371,19 @@ def sync_file(
     dry_run: bool = False,
     lstat: os.stat_result | None = None,
     since: float | None = None,
+    force: bool = False,
 ) -> Result:
     """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
 
     `lstat` may pass the entry's stat from a directory scan, so that an up-to-date file
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
-    the event that asked for this copy, for the latency in the log line.
+    the event that asked for this copy, for the latency in the log line. `force` copies
+    even when the store has the source's size and mtime (the quick check's blind spot: a
+    rewrite in place of the same length, mtime set back); the live service passes it for
+    a real event (a close after a write, a rename, an attribute change). Refusals and the
+    torn-line rule apply all the same.
     """
-    if lstat is not None:
+    if lstat is not None and not force:
         try:
             if quick_skip(config, source, store, name, lstat):
                 return _SKIPPED
@@ -387,7 +392,7 @@ def sync_file(
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
-                result = _sync_once(config, source, store, name, now, dry_run, lstat)
+                result = _sync_once(config, source, store, name, now, dry_run, lstat, force)
                 break
             except _Changed as e:
                 log.debug(
@@ -454,6 +459,7 @@ def _sync_once(
     now: float,
     dry_run: bool,
     pre: os.stat_result | None,
+    force: bool = False,
 ) -> Result:
     if pre is None:
         try:
@@ -466,7 +472,7 @@ def _sync_once(
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
-    if why is None and is_up_to_date(pre, tgt):
+    if why is None and not force and is_up_to_date(pre, tgt):
         return Result(Outcome.SKIPPED)
 
     try:
@@ -491,7 +497,7 @@ def _sync_once(
         why = refusal(st, source.uid, config.max_file_bytes)
         if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
             raise _RefusedEntry(why, st)
-        if is_up_to_date(st, tgt):
+        if not force and is_up_to_date(st, tgt):
             return Result(Outcome.SKIPPED)
         size = st.st_size
         # Only a hot source is searched for its last newline (a quiet one goes in whole).
@@ -503,7 +509,8 @@ def _sync_once(
         if length == 0 and size > 0:
             return Result(Outcome.SKIPPED, recheck_at=recheck)  # not one whole line yet
         if (
-            tgt is not None
+            not force
+            and tgt is not None
             and stat.S_ISREG(tgt.st_mode)
             and tgt.st_size == length
             and tgt.st_mtime_ns == st.st_mtime_ns

@@ -195,7 +195,11 @@ class Service:
     def _copy(self, key: Hashable, trigger: float | None) -> float | None:
         assert isinstance(key, tuple)
         user, name = key[0], key[1]
-        result = self._copy_one(user, name, trigger)
+        # A real event, or a retry of a failed copy: copy even if size and mtime match
+        # (a rewrite in place of the same length with its mtime set back).
+        with self._lock:
+            force = trigger is not None or key in self._failed
+        result = self._copy_one(user, name, trigger, force=force)
         if result is None:
             self._retry_after(key, None)
             return None
@@ -211,7 +215,9 @@ class Service:
             return max(0.0, result.recheck_at - time.time())
         return None
 
-    def _copy_one(self, user: str, name: str, trigger: float | None) -> Result | None:
+    def _copy_one(
+        self, user: str, name: str, trigger: float | None, *, force: bool = False
+    ) -> Result | None:
         cfg = self.config
         home_fd: int | None = None
         source: SourceDir | None = None
@@ -237,7 +243,9 @@ class Service:
             except Refused as e:  # the store root swapped for a symlink: never followed
                 raise OSError(errno_mod.ELOOP, f"store root: {e.reason}") from None
             user_store = UserStore(self.store, store_fd, user)
-            return sync_file(cfg, source, user_store, name, now=time.time(), since=trigger)
+            return sync_file(
+                cfg, source, user_store, name, now=time.time(), since=trigger, force=force
+            )
         except OSError as e:
             log.error(
                 "failed %s: %s",

@@ -54,7 +54,12 @@ class Engine:
         self.user_store = UserStore(self.store, self.root_fd, u.name)
 
     def sync(
-        self, name: str, *, now: float | None = None, lstat: os.stat_result | None = None
+        self,
+        name: str,
+        *,
+        now: float | None = None,
+        lstat: os.stat_result | None = None,
+        force: bool = False,
     ) -> Result:
         return sync_file(
             self.config,
@@ -64,6 +69,7 @@ class Engine:
             now=time.time() if now is None else now,
             dry_run=self.dry_run,
             lstat=lstat,
+            force=force,
         )
 
     def close(self) -> None:
@@ -266,6 +272,38 @@ def test_same_size_rewrite_with_new_mtime_is_copied(
     tree.write("alice", "s.jsonl", b"bbbb\n", mtime=1_700_000_001)
     assert e.sync("s.jsonl").outcome is Outcome.COPIED
     assert tree.stored("alice", "s.jsonl").read_bytes() == b"bbbb\n"
+
+
+def test_same_size_rewrite_with_the_mtime_set_back_is_copied_only_when_forced(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    """Issue 10, defect 5: size and mtime cannot tell this rewrite apart (rsync's quick
+    check has the same blind spot), so only `force` (a live event) copies it."""
+    e = engine()
+    src = tree.write("alice", "s.jsonl", b"aaaa\n", mtime=1_700_000_000)
+    assert e.sync("s.jsonl").outcome is Outcome.COPIED
+    tree.write("alice", "s.jsonl", b"bbbb\n", mtime=1_700_000_000)
+    assert e.sync("s.jsonl").outcome is Outcome.SKIPPED  # what a pass alone does
+    assert e.sync("s.jsonl", lstat=os.lstat(src)).outcome is Outcome.SKIPPED
+    assert e.sync("s.jsonl", lstat=os.lstat(src), force=True) == Result(Outcome.COPIED, nbytes=5)
+    dst = tree.stored("alice", "s.jsonl")
+    assert (dst.read_bytes(), dst.stat().st_mtime_ns) == (b"bbbb\n", src.stat().st_mtime_ns)
+
+
+def test_forced_copy_keeps_the_torn_line_rule_and_the_refusals(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    e = engine()  # settle 5 s
+    m = 1_700_000_000.0
+    other = LINE.replace(b"hello", b"HELLO")
+    tree.write("alice", "s.jsonl", LINE + b'{"half', mtime=m)
+    assert e.sync("s.jsonl", now=m + 1).nbytes == len(LINE)
+    tree.write("alice", "s.jsonl", other + b'{"half', mtime=m)  # same size, same mtime
+    r = e.sync("s.jsonl", now=m + 2, force=True)
+    assert r == Result(Outcome.COPIED, nbytes=len(LINE), recheck_at=m + 5)
+    assert tree.stored("alice", "s.jsonl").read_bytes() == other  # whole lines only
+    (tree.user("alice").sessions / "evil.jsonl").symlink_to("/etc/passwd")
+    assert e.sync("evil.jsonl", force=True).outcome is Outcome.REFUSED
 
 
 def test_half_written_last_line_waits_while_hot_and_goes_in_whole_once_quiet(

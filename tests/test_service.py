@@ -608,3 +608,38 @@ def test_temp_file_of_a_copy_killed_mid_way_is_gone_within_seconds_of_the_restar
     )
     assert stored.read_bytes() == data
     wait_for(lambda: temp_files(tree.target) == [], timeout=5, what="no temp file at all")
+
+
+# The writer of defect 5: the same length rewritten in place, the old mtime put back before
+# the close (so no event comes while size or mtime differ), as the file's owner.
+REWRITE_IN_PLACE = r"""
+import os, sys
+path, data, mtime_ns = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY)
+os.pwrite(fd, data, 0)
+os.utime(fd, ns=(mtime_ns, mtime_ns))
+os.close(fd)
+"""
+
+
+def test_same_size_restored_mtime_rewrite_is_copied_live(tree: Tree, start: StartFn) -> None:
+    """Issue 10, defect 5: a rewrite in place with the same length and the mtime set back
+    left the old bytes in the store for good (rsync's quick check has the same blind
+    spot). The live service sees the close (and the utime's IN_ATTRIB): a real event now
+    copies even when size and mtime match."""
+    alice = tree.add_user("alice")
+    old, new = line(1), line(2)
+    assert len(old) == len(new) and old != new
+    path = tree.write(alice, "s.jsonl", old, mtime=time.time() - 3600)
+    svc = start()
+    wait_stored(tree, alice, "s.jsonl", old)
+    mtime_ns = path.stat().st_mtime_ns
+    run_as(
+        alice.uid,
+        alice.gid,
+        [sys.executable, "-c", REWRITE_IN_PLACE, str(path), new.decode(), str(mtime_ns)],
+    )
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == (new, mtime_ns)
+    wait_stored(tree, alice, "s.jsonl", new)
+    assert tree.stored(alice, "s.jsonl").stat().st_mtime_ns == mtime_ns
+    assert svc.proc.poll() is None
