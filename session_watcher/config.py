@@ -35,8 +35,8 @@ class Config:
     settle: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (journald) or json (log shippers)
-    # `run` only.
-    reconcile_interval: float = 600.0
+    reconcile_interval: float = 600.0  # `run` only
+    # `run`: the live copy workers, and each pass's copy threads; `reconcile`: its copy threads.
     workers: int = 4
     # `run` writes it, `status` reads it; /run/session-watcher is the unit's RuntimeDirectory.
     state_file: Path = Path("/run/session-watcher/state.json")

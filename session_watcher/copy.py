@@ -239,7 +239,9 @@ def _line_end(fd: int, size: int, limit: int = _TAIL_LIMIT) -> int:
         i = chunk.rfind(b"\n")
         if i >= 0:
             return start + i + 1
-        if len(chunk) < end - start:  # shrank under us: the retry loop will notice
+        if len(chunk) < end - start:
+            # Shrank under us: nothing is installed now (SKIPPED, with a recheck time); the
+            # recheck, or the shrink's own event, copies what is there then.
             return 0
         end = start
     return 0

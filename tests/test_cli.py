@@ -160,6 +160,7 @@ def test_enospc_exits_1_leaves_no_temp_file_and_no_traceback(
         (["reconcile", "--file-mode", "4755"], "setuid"),
         (["reconcile", "--min-uid", "2000", "--max-uid", "1000"], "min uid"),
         (["reconcile", "--log-level", "LOUD"], "LOUD"),
+        (["reconcile", "--workers", "0"], "workers"),  # it sizes the pass's copy threads
         (["reconcile", "--home-root", "relative/home"], "absolute"),
         (["reconcile", "--sessions-subdir", "../etc"], "sessions subdir"),
         (["reconcile", "--home-root", "{base}/absent"], "absent"),
@@ -353,3 +354,14 @@ def test_console_script_runs_the_same_main(tree: Tree) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert counts_of(r.stdout)["files_copied"] == 0
+
+
+def test_reconcile_workers_sizes_the_pass_copy_threads(tree: Tree) -> None:
+    """Issue 10, defect 8: `workers` also sizes the pass's copy threads, but only `run`
+    took `--workers`."""
+    tree.add_user("alice")
+    for i in range(3):
+        tree.write("alice", f"s{i}.jsonl", LINE)
+    r = run_cli("reconcile", *tree.cli_args("--workers", "1", "--json"))
+    assert r.returncode == 0, r.stderr
+    assert counts_of(r.stdout)["files_copied"] == 3

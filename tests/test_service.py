@@ -1,8 +1,10 @@
 """`session-watcher run` as a real process on a real tree: events, coalescing, overflow,
 signals, sd_notify, hostile files. Every wait has a deadline; nothing sleeps then asserts.
 
-Writers run as the users' uids (setpriv) when the tests run as root. Timings are never
-asserted: these machines have two shared cores.
+Writers run as the users' uids (setpriv) when the tests run as root. Latencies are never
+asserted (these machines have two shared cores): waits only have deadlines. The one
+budget asserted is a ratio, CPU seconds per wall second of a hot file's copies, with a
+2x margin over what spacing gives.
 """
 
 from __future__ import annotations
