@@ -1,5 +1,7 @@
-"""`python -m bench [--quick] [--out FILE] [--only NAME ...]`: run the scenarios, print one
-Markdown table, and (full run) write it to bench/results.md with the machine it ran on."""
+"""`python -m bench [--quick] [--out FILE] [--only NAME ...] [--tools KEY ...]`: run the
+scenarios, print one Markdown table, and (full run) write it to bench/results.md with the
+machine it ran on. `--only` and `--tools` rerun a subset, e.g. session-watcher's own rows
+of two scenarios: `python -m bench --only burst hot --tools sw`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from . import scenarios
 from .measure import Row
-from .peers import PROJECT, live_peers
+from .peers import PROJECT, LivePeer, live_peers
 
 TOOLS = {"rsync": "rsync", "lsyncd": "lsyncd", "inotifywait": "inotify-tools"}
 
@@ -80,7 +82,8 @@ def header(work: Path, load_before: str, elapsed: float, quick: bool) -> str:
             f"the whole run took {elapsed / 60:.1f} min",
             "- produced by `make bench` (`python -m bench`); times are CLOCK_MONOTONIC, a close "
             "is timestamped in the writer, an arrival by an inotify IN_MOVED_TO/IN_CLOSE_WRITE "
-            "watch on the store; every tool gets its own fresh store.",
+            "watch on the store (a copier's close of the file it has just renamed in is the "
+            "same arrival); every tool gets its own fresh store.",
         ]
     )
 
@@ -97,6 +100,7 @@ def table(rows: list[Row]) -> str:
 
 
 SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale")
+LIVE_KEYS = ("sw", "lsyncd", "lsyncd-direct", "inotifywait")  # LivePeer.key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test (< 2 min)")
     ap.add_argument("--out", type=Path, help="also write the report here")
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    ap.add_argument(
+        "--tools",
+        nargs="+",
+        choices=LIVE_KEYS,
+        help="live scenarios (latency, burst, hot): only these tools",
+    )
     args = ap.parse_args(argv)
     sizes = scenarios.QUICK if args.quick else scenarios.FULL
     ensure_tools()
@@ -114,15 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rows: list[Row] = []
     wanted = args.only or SCENARIOS
+
+    def peers() -> list[LivePeer]:
+        return [p for p in live_peers(args.quick) if not args.tools or p.key in args.tools]
+
     try:
         for name in wanted:
             log(f"scenario {name}")
             if name == "latency":
-                rows += scenarios.latency(sizes, live_peers(args.quick), work, log)
+                rows += scenarios.latency(sizes, peers(), work, log)
             elif name == "burst":
-                rows += scenarios.burst(sizes, live_peers(args.quick), work, log)
+                rows += scenarios.burst(sizes, peers(), work, log)
             elif name == "hot":
-                rows += scenarios.hot(sizes, live_peers(args.quick), work, log)
+                rows += scenarios.hot(sizes, peers(), work, log)
             elif name == "noop":
                 rows += scenarios.noop(sizes, work, log)
             elif name == "cold":

@@ -53,6 +53,7 @@ class Observer:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
         data = json.loads(self.proc.stdout.read())
+        self.proc.stdout.close()
         self.proc.wait()
         self.overflows = int(data["overflows"])
         return [

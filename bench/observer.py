@@ -6,6 +6,11 @@ It watches each store directory for IN_MOVED_TO | IN_CLOSE_WRITE, takes CLOCK_MO
 returns, then reads the landed file's last line to learn which append it contains. It
 prints "ready" once the watches are set, and when its stdin closes it prints one JSON list
 of [dir_index, name, t, size, seq] records and exits.
+
+One copy is one arrival (`Arrivals`): a tool that writes in place (cp) shows IN_CLOSE_WRITE,
+one that renames a temp file into place (rsync) IN_MOVED_TO; session-watcher, which closes
+its temp file after the rename (its flock must be held until then), shows IN_MOVED_TO and
+then IN_CLOSE_WRITE under the final name. That close is the same copy, not a second one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 
 from .inotify import IN_CLOSE_WRITE, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 
-__all__ = ["last_seq", "main"]
+__all__ = ["Arrivals", "last_seq", "main"]
 
 _SEQ = re.compile(rb'"seq":(\d+)')
 _TAIL = 16 * 1024  # longer than any line the writers produce
@@ -37,12 +42,37 @@ def last_seq(fd: int, size: int) -> int:
     return int(m.group(1)) if m else -1
 
 
+class Arrivals:
+    """Which inotify events (wd, mask, name) are the arrival of a new copy in the store."""
+
+    def __init__(self) -> None:
+        # Names whose last event was IN_MOVED_TO: a close that follows is that copy's.
+        self._renamed_in: set[tuple[int, str]] = set()
+
+    def is_arrival(self, wd: int, mask: int, name: str) -> bool:
+        # Temp files (rsync's ".name.XXXXXX", ours ".session-watcher.*.tmp") are not
+        # arrivals; only the final name counts.
+        if name.startswith(".") or not name.endswith(".jsonl"):
+            return False
+        key = (wd, name)
+        if mask & IN_MOVED_TO:
+            self._renamed_in.add(key)
+            return True
+        if mask & IN_CLOSE_WRITE:
+            if key in self._renamed_in:
+                self._renamed_in.discard(key)
+                return False  # the copier closing the file it has just renamed in
+            return True
+        return False
+
+
 def main(argv: list[str]) -> int:
     ino = Inotify()
     dirs: dict[int, tuple[int, str]] = {}
     for i, d in enumerate(argv):
         dirs[ino.add(d, IN_MOVED_TO | IN_CLOSE_WRITE)] = (i, d)
     records: list[tuple[int, str, float, int, int]] = []
+    arrivals = Arrivals()
     overflows = 0
     poller = select.poll()
     poller.register(ino.fd, select.POLLIN)
@@ -59,9 +89,7 @@ def main(argv: list[str]) -> int:
                 if mask & IN_Q_OVERFLOW:
                     overflows += 1
                     continue
-                # Temp files (rsync's ".name.XXXXXX", ours ".session-watcher.*.tmp") are
-                # not arrivals; only the final name counts.
-                if name.startswith(".") or not name.endswith(".jsonl") or wd not in dirs:
+                if wd not in dirs or not arrivals.is_arrival(wd, mask, name):
                     continue
                 index, d = dirs[wd]
                 try:

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--json", action="store_true", help="print the pass's counts as one JSON object on stdout"
     )
+    rec.add_argument(
+        "--workers", metavar="N", help="threads that copy (checks stay on one; default 4)"
+    )
     rec.set_defaults(func=_cmd_reconcile)
 
     run = sub.add_parser("run", help="watch and copy continuously (the systemd service)")
@@ -120,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between full passes; 0 = only at start (default 600)",
     )
-    run.add_argument("--workers", metavar="N", help="copy worker threads (default 4)")
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="threads for live copies, and for each pass's copies (default 4)",
+    )
     run.add_argument(
         "--stuck-after",
         metavar="SECONDS",

@@ -47,8 +47,8 @@ class Config:
     settle: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (journald) or json (log shippers)
-    # `run` only.
-    reconcile_interval: float = 600.0
+    reconcile_interval: float = 600.0  # `run` only
+    # `run`: the live copy workers, and each pass's copy threads; `reconcile`: its copy threads.
     workers: int = 4
     # A user's I/O that has not returned after this long marks the user stuck: their work
     # is skipped (everyone else's goes on) until their file system answers again.

@@ -90,6 +90,9 @@ class Result:
     latency: float | None = None
     # REFUSED only: the refusal's kind, one of REFUSAL_KINDS (a bounded metrics label).
     kind: str | None = None
+    # The source's ctime (ns) when it was found up to date or copied: the live service
+    # remembers it, so that a later event forces a copy only if the source changed since.
+    ctime_ns: int | None = dataclasses.field(default=None, compare=False)
 
 
 _SKIPPED = Result(Outcome.SKIPPED)  # frozen: one instance serves every up-to-date file
@@ -239,7 +242,9 @@ def _line_end(fd: int, size: int, limit: int = _TAIL_LIMIT) -> int:
         i = chunk.rfind(b"\n")
         if i >= 0:
             return start + i + 1
-        if len(chunk) < end - start:  # shrank under us: the retry loop will notice
+        if len(chunk) < end - start:
+            # Shrank under us: nothing is installed now (SKIPPED, with a recheck time); the
+            # recheck, or the shrink's own event, copies what is there then.
             return 0
         end = start
     return 0
@@ -308,7 +313,8 @@ def quick_skip(
 ) -> bool:
     """The no-op path of a pass: the scan's lstat plus one lstat of the target say the store
     is up to date. No open, no lock, no retry loop: this runs 100,000 times in a pass over
-    1,000 users, and the overhead around the two stat calls was 40% of its time."""
+    1,000 users, and the overhead around the two stat calls was 40% of its time. May raise
+    the store side's OSError (EIO, ENAMETOOLONG): `sync_file` turns that into FAILED."""
     return refusal(lstat, source.uid, config.max_file_bytes) is None and is_up_to_date(
         lstat, store.lstat(name)
     )
@@ -326,6 +332,8 @@ def sync_file(
     since: float | None = None,
     limiter: LogLimiter | None = None,
     admit: Callable[[int], float] | None = None,
+    force: bool = False,
+    copied_ctime: int | None = None,
 ) -> Result:
     """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
 
@@ -335,14 +343,37 @@ def sync_file(
     limits the WARNING/ERROR lines per user and kind (None: every line goes out). `admit`
     is the user's byte budget: asked with the bytes a copy would write, it answers 0 (go)
     or the seconds to wait; a copy that must wait is SKIPPED with `recheck_at` then.
+    `force` copies even when the store has the source's size and mtime (the quick check's
+    blind spot: a rewrite in place of the same length, mtime set back); the live service
+    passes it for a real event (a close after a write, a rename, an attribute change),
+    with `copied_ctime`, the source's ctime when it last copied it: then only a source
+    whose ctime moved since is forced (a write or a `utime` moves it; a close flood that
+    writes nothing does not, and costs no copy). Refusals and the torn-line rule apply all
+    the same.
     """
-    if lstat is not None and quick_skip(config, source, store, name, lstat):
-        return _SKIPPED
+    if lstat is not None and not force:
+        try:
+            if quick_skip(config, source, store, name, lstat):
+                return _SKIPPED
+        except OSError:
+            pass  # the store side (EIO, ENAMETOOLONG): met again below, and counted FAILED
     say = limiter if limiter is not None else LogLimiter(0.0)
     with _lock_for(source.user, name):
         for attempt in range(MAX_TRIES):
             try:
-                result = _sync_once(config, source, store, name, now, dry_run, lstat, say, admit)
+                result = _sync_once(
+                    config,
+                    source,
+                    store,
+                    name,
+                    now,
+                    dry_run,
+                    lstat,
+                    say,
+                    admit,
+                    force,
+                    copied_ctime,
+                )
                 break
             except _Changed as e:
                 log.debug(
@@ -419,6 +450,8 @@ def _sync_once(
     pre: os.stat_result | None,
     say: LogLimiter,
     admit: Callable[[int], float] | None,
+    force: bool = False,
+    copied_ctime: int | None = None,
 ) -> Result:
     if pre is None:
         try:
@@ -431,8 +464,8 @@ def _sync_once(
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
-    if why is None and is_up_to_date(pre, tgt):
-        return Result(Outcome.SKIPPED)
+    if why is None and not _forced(force, copied_ctime, pre) and is_up_to_date(pre, tgt):
+        return Result(Outcome.SKIPPED, ctime_ns=pre.st_ctime_ns)
 
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=source.fd)
@@ -450,8 +483,9 @@ def _sync_once(
         why = refusal(st, source.uid, config.max_file_bytes, source.dev)
         if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
             raise Refused.of(why)
-        if is_up_to_date(st, tgt):
-            return Result(Outcome.SKIPPED)
+        force = _forced(force, copied_ctime, st)
+        if not force and is_up_to_date(st, tgt):
+            return Result(Outcome.SKIPPED, ctime_ns=st.st_ctime_ns)
         size = st.st_size
         # Only a hot source is searched for its last newline (a quiet one goes in whole).
         hot = size > 0 and is_hot(st.st_mtime, now, config.settle)
@@ -462,12 +496,14 @@ def _sync_once(
         if length == 0 and size > 0:
             return Result(Outcome.SKIPPED, recheck_at=recheck)  # not one whole line yet
         if (
-            tgt is not None
+            not force
+            and tgt is not None
             and stat.S_ISREG(tgt.st_mode)
             and tgt.st_size == length
             and tgt.st_mtime_ns == st.st_mtime_ns
         ):
-            return Result(Outcome.SKIPPED, recheck_at=recheck)  # that prefix is in already
+            # That prefix is in already.
+            return Result(Outcome.SKIPPED, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
         old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
         grow, new_file = length - (old_size or 0), old_size is None
         if admit is not None and not dry_run:
@@ -509,7 +545,11 @@ def _sync_once(
             raise
     finally:
         os.close(fd)
-    return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
+    return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
+
+
+def _forced(force: bool, copied_ctime: int | None, st: os.stat_result) -> bool:
+    return force and (copied_ctime is None or st.st_ctime_ns != copied_ctime)
 
 
 def _install(
@@ -535,8 +575,9 @@ def _install(
     )
     installed = False
     try:
-        # Held until the rename: a temp file nobody holds a lock on is a crash's leftover,
-        # which the next pass removes at once instead of an hour later (store.py).
+        # Taken before the first byte and held until the rename: a temp file with data
+        # that nobody holds a lock on is a dead process's leftover, which any pass (the
+        # restarted service's first one too) removes at once (store.ORPHAN_TEMP_SECONDS).
         fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
         gid = store.store.gid
         if gid is not None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ PACE_BYTES_PER_SECOND = 40e6  # a copy of N bytes waits N / this before the file
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
 STUCK_RETRY_SECONDS = 30.0  # a stuck user's file is looked at again this much later
+CTIME_MEMORY = 50_000  # files whose last copied ctime is remembered (about 5 MB)
 
 
 def retry_delay(failing_for: float) -> float:
@@ -72,6 +75,11 @@ class LiveCopier:
         )
         self.queue = WorkQueue(self.handle, workers=config.workers, on_shed=on_shed, clock=clock)
         self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing
+        # key -> the source's ctime when we last copied it or found it up to date: an
+        # event forces a copy only if the source changed since (see sync_file's `force`).
+        # Bounded: a file forgotten is forced once more on its next event, no more.
+        self._ctimes: OrderedDict[Hashable, int] = OrderedDict()
+        self._ctimes_lock = threading.Lock()
 
     def submit(self, user: str, name: str, when: float | None, delay: float) -> None:
         """From the watcher (its reader thread): quick, no I/O."""
@@ -81,14 +89,21 @@ class LiveCopier:
         """The queue's handler: copy once; returns when to look at the key again."""
         assert isinstance(key, tuple)
         user, name = key[0], key[1]
+        # A real event, or a retry of a failed copy: copy even if size and mtime match (a
+        # rewrite in place of the same length with its mtime set back), unless the source's
+        # ctime says it has not changed since our last copy.
+        force = trigger is not None or key in self._failed
+        with self._ctimes_lock:
+            copied_ctime = self._ctimes.get(key)
         try:
             with self.guard.io(user):
-                result = self._copy(user, name, trigger)
+                result = self._copy(user, name, trigger, force, copied_ctime)
         except UserStuck:
             return STUCK_RETRY_SECONDS
         if result is None:
             self.retry_after(key, None)
             return None
+        self._remember(key, result)
         self.wiring.count(result)
         if result.outcome is Outcome.COPIED:
             # Copies of a big hot file are spaced by their size too, so a 20 MB transcript
@@ -101,7 +116,14 @@ class LiveCopier:
             return max(0.0, result.recheck_at - self._wall())
         return None
 
-    def _copy(self, user: str, name: str, trigger: float | None) -> Result | None:
+    def _copy(
+        self,
+        user: str,
+        name: str,
+        trigger: float | None,
+        force: bool = False,
+        copied_ctime: int | None = None,
+    ) -> Result | None:
         cfg = self.config
         home_fd: int | None = None
         source: SourceDir | None = None
@@ -140,6 +162,8 @@ class LiveCopier:
                 since=trigger,
                 limiter=self.limiter,
                 admit=lambda n: self.budget.admit(user, n),
+                force=force,
+                copied_ctime=copied_ctime,
             )
         except OSError as e:
             self.limiter.log(
@@ -161,6 +185,15 @@ class LiveCopier:
                 os.close(source.fd)
             close_quietly(home_fd)
 
+    def _remember(self, key: Hashable, result: Result) -> None:
+        if result.ctime_ns is None:
+            return
+        with self._ctimes_lock:
+            self._ctimes[key] = result.ctime_ns
+            self._ctimes.move_to_end(key)
+            if len(self._ctimes) > CTIME_MEMORY:
+                self._ctimes.popitem(last=False)
+
     def retry_after(self, key: Hashable, result: Result | None) -> float | None:
         """Seconds until a failed copy is tried again (None: it did not fail).
 
@@ -179,6 +212,7 @@ class LiveCopier:
         """A pass's result for one file: a failure is retried on the live timer, a held-back
         tail is looked at again when the source will be quiet."""
         key = (source.user, name)
+        self._remember(key, result)
         retry = self.retry_after(key, result)
         if retry is not None:
             self.queue.submit(key, delay=retry)

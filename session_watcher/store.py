@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = ".session-watcher."
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 3600.0
-# A copy holds an flock on its temp file from creation to rename; an unlocked temp file
-# this old was left by a process that died (kill -9, crash, power cut) and is removed by
-# the next pass. The grace covers the instant between the O_EXCL create and the flock.
-ORPHAN_TEMP_SECONDS = 10.0
+# A copy takes an flock on its temp file right after the O_EXCL create, before it writes a
+# byte, and holds it until the rename (copy._install). So a temp file that holds data and
+# that nobody holds a lock on was left by a process that died (kill -9, crash, power cut):
+# any pass removes it at once, the restarted service's own first pass included. An empty
+# unlocked one may be a live copy in the instant between its create and its flock: it is
+# removed once this old, less than the unit's RestartSec=5s.
+ORPHAN_TEMP_SECONDS = 2.0
 
 
 def is_temp_name(name: str) -> bool:
@@ -272,7 +275,7 @@ class Store:
                     st = entry.stat(follow_symlinks=False)
                     if is_stale_temp(entry.name, st, now) or (
                         stat.S_ISREG(st.st_mode)
-                        and now - st.st_ctime > ORPHAN_TEMP_SECONDS
+                        and (st.st_size > 0 or now - st.st_ctime > ORPHAN_TEMP_SECONDS)
                         and not _temp_in_use(dir_fd, entry.name)
                     ):
                         os.unlink(entry.name, dir_fd=dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -162,6 +163,7 @@ def test_enospc_exits_1_leaves_no_temp_file_and_no_traceback(
         (["reconcile", "--file-mode", "4755"], "setuid"),
         (["reconcile", "--min-uid", "2000", "--max-uid", "1000"], "min uid"),
         (["reconcile", "--log-level", "LOUD"], "LOUD"),
+        (["reconcile", "--workers", "0"], "workers"),  # it sizes the pass's copy threads
         (["reconcile", "--home-root", "relative/home"], "absolute"),
         (["reconcile", "--sessions-subdir", "../etc"], "sessions subdir"),
         (["reconcile", "--home-root", "{base}/absent"], "absent"),
@@ -320,14 +322,20 @@ def test_odd_names_are_logged_escaped_one_record_per_line(tree: Tree) -> None:
     )
 
 
-def test_temp_files_of_a_crash_are_swept_only_when_stale(tree: Tree) -> None:
+def test_temp_files_of_a_crash_are_swept_but_not_those_of_a_live_copy(tree: Tree) -> None:
     tree.add_user("alice")
     tree.write("alice", "s.jsonl", LINE)
     assert run_cli("reconcile", *tree.cli_args()).returncode == 0
-    fresh = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000aa.tmp"
-    fresh.write_bytes(b"in flight")
-    assert run_cli("reconcile", *tree.cli_args()).returncode == 0
-    assert fresh.exists()
+    live = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000aa.tmp"
+    dead = tree.target / "alice" / f"{TEMP_PREFIX}00000000000000bb.tmp"
+    dead.write_bytes(b"half a cop")
+    with live.open("wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a copy in flight holds it
+        f.write(b"in flight")
+        f.flush()
+        assert run_cli("reconcile", *tree.cli_args()).returncode == 0
+    assert live.exists()
+    assert not dead.exists()
 
 
 def test_version_via_python_m() -> None:
@@ -350,3 +358,14 @@ def test_console_script_runs_the_same_main(tree: Tree) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert counts_of(r.stdout)["files_copied"] == 0
+
+
+def test_reconcile_workers_sizes_the_pass_copy_threads(tree: Tree) -> None:
+    """Issue 10, defect 8: `workers` also sizes the pass's copy threads, but only `run`
+    took `--workers`."""
+    tree.add_user("alice")
+    for i in range(3):
+        tree.write("alice", f"s{i}.jsonl", LINE)
+    r = run_cli("reconcile", *tree.cli_args("--workers", "1", "--json"))
+    assert r.returncode == 0, r.stderr
+    assert counts_of(r.stdout)["files_copied"] == 3

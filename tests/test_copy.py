@@ -56,7 +56,13 @@ class Engine:
         self.limiter = LogLimiter()
 
     def sync(
-        self, name: str, *, now: float | None = None, lstat: os.stat_result | None = None
+        self,
+        name: str,
+        *,
+        now: float | None = None,
+        lstat: os.stat_result | None = None,
+        force: bool = False,
+        copied_ctime: int | None = None,
     ) -> Result:
         return sync_file(
             self.config,
@@ -67,6 +73,8 @@ class Engine:
             dry_run=self.dry_run,
             lstat=lstat,
             limiter=self.limiter,
+            force=force,
+            copied_ctime=copied_ctime,
         )
 
     def close(self) -> None:
@@ -179,8 +187,10 @@ def test_remove_stale_temps_removes_only_old_temps_of_ours(tree: Tree) -> None:
     d = tree.base / "userstore"
     d.mkdir()
     ours = [f"{TEMP_PREFIX}{i:016x}.tmp" for i in range(3)]
-    for n in [*ours, "a.jsonl", ".other.tmp", ".session-watcher.keep.jsonl"]:
+    for n in ["a.jsonl", ".other.tmp", ".session-watcher.keep.jsonl"]:
         (d / n).write_bytes(b"x")
+    for n in ours:  # empty: they may be copies between their create and their flock
+        (d / n).write_bytes(b"")
     (d / f"{TEMP_PREFIX}dir.tmp").mkdir()
     store = Store(tree.config(), TEST_GID)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -267,6 +277,54 @@ def test_same_size_rewrite_with_new_mtime_is_copied(
     tree.write("alice", "s.jsonl", b"bbbb\n", mtime=1_700_000_001)
     assert e.sync("s.jsonl").outcome is Outcome.COPIED
     assert tree.stored("alice", "s.jsonl").read_bytes() == b"bbbb\n"
+
+
+def test_same_size_rewrite_with_the_mtime_set_back_is_copied_only_when_forced(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    """Issue 10, defect 5: size and mtime cannot tell this rewrite apart (rsync's quick
+    check has the same blind spot), so only `force` (a live event) copies it."""
+    e = engine()
+    src = tree.write("alice", "s.jsonl", b"aaaa\n", mtime=1_700_000_000)
+    assert e.sync("s.jsonl").outcome is Outcome.COPIED
+    tree.write("alice", "s.jsonl", b"bbbb\n", mtime=1_700_000_000)
+    assert e.sync("s.jsonl").outcome is Outcome.SKIPPED  # what a pass alone does
+    assert e.sync("s.jsonl", lstat=os.lstat(src)).outcome is Outcome.SKIPPED
+    assert e.sync("s.jsonl", lstat=os.lstat(src), force=True) == Result(Outcome.COPIED, nbytes=5)
+    dst = tree.stored("alice", "s.jsonl")
+    assert (dst.read_bytes(), dst.stat().st_mtime_ns) == (b"bbbb\n", src.stat().st_mtime_ns)
+
+
+def test_a_forced_copy_is_skipped_when_the_ctime_has_not_moved_since_the_last_copy(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    # A close flood that writes nothing (270,000 closes a second) must cost no copies: the
+    # live service passes the ctime it saw at its last copy, and only a moved ctime forces.
+    e = engine()
+    src = tree.write("alice", "s.jsonl", b"aaaa\n", mtime=1_700_000_000)
+    first = e.sync("s.jsonl", force=True)
+    assert first.outcome is Outcome.COPIED and first.ctime_ns == src.stat().st_ctime_ns
+    again = e.sync("s.jsonl", force=True, copied_ctime=first.ctime_ns)
+    assert again.outcome is Outcome.SKIPPED
+    tree.write("alice", "s.jsonl", b"bbbb\n", mtime=1_700_000_000)  # ctime moves
+    assert e.sync("s.jsonl", force=True, copied_ctime=first.ctime_ns).outcome is Outcome.COPIED
+    assert tree.stored("alice", "s.jsonl").read_bytes() == b"bbbb\n"
+
+
+def test_forced_copy_keeps_the_torn_line_rule_and_the_refusals(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    e = engine()  # settle 5 s
+    m = 1_700_000_000.0
+    other = LINE.replace(b"hello", b"HELLO")
+    tree.write("alice", "s.jsonl", LINE + b'{"half', mtime=m)
+    assert e.sync("s.jsonl", now=m + 1).nbytes == len(LINE)
+    tree.write("alice", "s.jsonl", other + b'{"half', mtime=m)  # same size, same mtime
+    r = e.sync("s.jsonl", now=m + 2, force=True)
+    assert r == Result(Outcome.COPIED, nbytes=len(LINE), recheck_at=m + 5)
+    assert tree.stored("alice", "s.jsonl").read_bytes() == other  # whole lines only
+    (tree.user("alice").sessions / "evil.jsonl").symlink_to("/etc/passwd")
+    assert e.sync("evil.jsonl", force=True).outcome is Outcome.REFUSED
 
 
 def test_half_written_last_line_waits_while_hot_and_goes_in_whole_once_quiet(

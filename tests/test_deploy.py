@@ -11,6 +11,7 @@ options (ProtectSystem, ProtectHome, ReadWritePaths) are not emulated.
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
 import errno
 import grp
@@ -26,15 +27,15 @@ from pathlib import Path
 
 import pytest
 
+from session_watcher.cli import build_parser
 from session_watcher.config import PARSERS
 
 REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
 UNIT = REPO / "deploy" / "session-watcher.service"
 ENV_FILE = REPO / "deploy" / "session-watcher.env"
 ANALYZE = shutil.which("systemd-analyze")
 SETPRIV = shutil.which("setpriv")
-# Announced by the operations issue; the env file lists them already, marked as not read yet.
-FUTURE_SETTINGS = ("state_file", "metrics_file", "log_format")
 
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 needs_root_setpriv = pytest.mark.skipif(
@@ -174,16 +175,50 @@ def test_unit_has_the_directives_the_service_relies_on() -> None:
     assert value("WantedBy", "Install") == "multi-user.target"
 
 
-def test_env_file_documents_every_setting() -> None:
+def parser_options() -> set[tuple[str, str]]:
+    """(subcommand, option string) for every option the CLI accepts, -h/--help aside."""
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        (command, option)
+        for command, p in sub.choices.items()
+        for action in p._actions
+        for option in action.option_strings
+        if option not in ("-h", "--help")
+    }
+
+
+def readme_options() -> set[tuple[str, str]]:
+    """(subcommand, option string) for every row of the README's Options table. A row
+    names its subcommands before its options (`run`/`status --state-file PATH`); a row
+    that names none is for every subcommand."""
+    section = README.read_text().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    commands = ("reconcile", "run", "status")
+    out: set[tuple[str, str]] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue  # not a row of the table, or its header
+        cell = re.split(r"(?<!\\)\|", line)[1]
+        options = re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", cell)
+        assert options, f"a row of the options table without an option: {line!r}"
+        named = re.findall(r"\b(reconcile|run|status)\b", cell[: cell.index(options[0])])
+        out |= {(c, o) for c in (named or commands) for o in options}
+    return out
+
+
+def test_env_file_and_readme_document_every_setting() -> None:
     text = ENV_FILE.read_text()
     documented = set(re.findall(r"^#(SESSION_WATCHER_[A-Z_]+)=", text, re.MULTILINE))
     known = {f"SESSION_WATCHER_{k.upper()}" for k in PARSERS}
-    future = {f"SESSION_WATCHER_{k.upper()}" for k in FUTURE_SETTINGS}
     assert sorted(known - documented) == []
-    assert sorted(documented - known - future) == [], "typo, or a setting that is gone?"
+    assert sorted(documented - known) == [], "typo, or a setting that is gone?"
     # Installing the file must change nothing: every assignment is commented out.
     live = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert live == []
+    # The README's options table: every option of every subcommand, and nothing else.
+    parser, readme = parser_options(), readme_options()
+    assert sorted(parser - readme) == [], "options missing from the README's table"
+    assert sorted(readme - parser) == [], "options in the README's table that the CLI lacks"
 
 
 # --- the modes the service really produces under the unit's confinement --------------------

@@ -14,7 +14,7 @@ import pytest
 from helpers import IS_ROOT, STATS_KEYS, TEST_GID, Tree, log_lines, root_only, snapshot
 
 from session_watcher import Config, PassStats, reconcile
-from session_watcher.store import TEMP_PREFIX
+from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
 
 LINE = b'{"type":"user","message":"hi"}\n'
 
@@ -357,10 +357,13 @@ def test_stale_temps_are_removed_at_the_start_of_a_pass(tree: Tree) -> None:
     reconcile(tree.config())
     crashed = tree.target / "alice" / f"{TEMP_PREFIX}deadbeefdeadbeef.tmp"
     crashed.write_bytes(b"half a cop")
+    born = tree.target / "alice" / f"{TEMP_PREFIX}0123456789abcdef.tmp"
+    born.write_bytes(b"")
     reconcile(tree.config())
-    assert crashed.exists()  # fresh: it may be a copy in flight
-    reconcile(tree.config(), now=lambda: time.time() + 2 * 3600)
-    assert not crashed.exists()
+    assert not crashed.exists()  # data and no lock: its copier is dead, whatever its age
+    assert born.exists()  # empty and fresh: it may be a copy between its create and flock
+    reconcile(tree.config(), now=lambda: time.time() + ORPHAN_TEMP_SECONDS + 1)
+    assert not born.exists()
     assert sorted(os.listdir(tree.target / "alice")) == ["a.jsonl"]
 
 
@@ -476,3 +479,55 @@ def test_pass_stats_count_a_vanished_source_as_skipped() -> None:
         "files_failed": 1,
         "bytes_copied": 15,
     }
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_store_side_stat_error_fails_that_file_alone(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Issue 10, defect 1: an OSError from the target's lstat (EIO; ENAMETOOLONG where the
+    store's file system takes shorter names than the home's) escaped `quick_skip`. With the
+    pool it ended the whole pass (no sweep, exit 1); without it the user's remaining files
+    went uncounted. Neither error can be made on a local tmp tree: only the store-side
+    boundary, `UserStore.lstat`, is faked, for one name."""
+    from session_watcher.store import Store, UserStore
+
+    real_lstat = UserStore.lstat
+
+    def lstat(self: UserStore, name: str) -> os.stat_result | None:
+        if name == "bad.jsonl":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_lstat(self, name)
+
+    real_sweep = Store.remove_stale_temps
+    swept: list[str] = []
+
+    def remove_stale_temps(self: Store, dir_fd: int, user: str, now: float | None = None) -> int:
+        swept.append(user)
+        return real_sweep(self, dir_fd, user, now)
+
+    monkeypatch.setattr(UserStore, "lstat", lstat)
+    monkeypatch.setattr(Store, "remove_stale_temps", remove_stale_temps)
+    tree.add_user("alice")
+    tree.add_user("bob")
+    good = [f"s{i}.jsonl" for i in range(6)]
+    for name in [*good, "bad.jsonl"]:  # scandir order decides which come after bad.jsonl
+        tree.write("alice", name, LINE)
+    tree.write("bob", "b.jsonl", LINE)
+    (tree.target / "gone").mkdir(parents=True)  # a store directory whose home has gone
+
+    stats = reconcile(tree.config(workers=workers))
+
+    assert counts(stats) == {
+        "users_processed": 2,
+        "files_copied": 7,
+        "files_skipped": 0,
+        "files_refused": 0,
+        "files_failed": 1,
+        "bytes_copied": 7 * len(LINE),
+    }
+    assert stored_tree(tree) == {
+        **{f"alice/{name}": LINE for name in good},
+        "bob/b.jsonl": LINE,
+    }
+    assert "gone" in swept  # the pass went on to its sweep of the other store directories

@@ -951,8 +951,9 @@ class Soak:
         if self.current() is None:  # restarting after a kill
             time.sleep(RESTART_SEC + 1)
         time.sleep(SETTLE + 2)
-        # A temp file of a copy killed mid-way is removed by a pass once ORPHAN_TEMP_SECONDS
-        # old (it cannot tell a dead copier's file from one just created before that).
+        # A temp file of a copy killed mid-way goes with the restart's pass if it holds data;
+        # an empty one (killed between its create and its flock, or the copy of an empty
+        # file) once ORPHAN_TEMP_SECONDS old: a pass cannot tell it from a live copy's.
         time.sleep(max(0.0, self.last_kill + ORPHAN_TEMP_SECONDS + 1 - time.time()))
         # Every transcript must land without the final pass's help: a failed copy is
         # retried, an overflow repaired, a held-back tail copied after --settle.
