@@ -2,9 +2,10 @@
 
 Threads: the main thread is the control loop (signals, rescans of the home root, the
 fallback scan of unwatchable directories, WATCHDOG=1); a pass thread runs full and
-per-user passes; a few workers run the copies that events ask for; watchdog owns its
-observer and emitter threads. All copies, from events or passes, go through
-`copy.sync_file`, whose per-file lock keeps two copies of one file from interleaving.
+per-user passes; a few workers run the copies that events ask for; a few inotify reader
+threads (watch.py: a fixed number, whatever the number of watches) hand events on. All
+copies, from events or passes, go through `copy.sync_file`, whose per-file lock keeps two
+copies of one file from interleaving.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .reconcile import PassStats, reconcile, store_for
 from .safefs import Refused, close_quietly, escape, open_root_dir
 from .state import AtomicFile, LastError, render_state
 from .store import Store, UserStore, lookup_gid
-from .watch import OverflowDetector, Watcher
+from .watch import Watcher
 from .workqueue import WorkQueue
 
 __all__ = ["Service", "run_service"]
@@ -142,8 +143,8 @@ class Service:
         self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
         self.queue = WorkQueue(self._copy, workers=config.workers)
         self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing
-        self.watcher = Watcher(config, self._on_file, self._on_change)
-        self.overflow = OverflowDetector(self._on_overflow)
+        self.watcher = Watcher(config, self._on_file, self._on_change, self._on_overflow)
+        self._root_ident: tuple[int, int] | None = None  # the home root the poll last saw
         self._pass_thread = threading.Thread(target=self._passes, name="pass", daemon=True)
 
     # --- callbacks from other threads ----------------------------------------------------
@@ -155,12 +156,23 @@ class Service:
         self._rescan.set()
         self._wake.set()
 
-    def _on_overflow(self) -> None:
+    def _on_overflow(self, users: set[str] | None) -> None:
+        """A kernel queue overflowed: the events of `users` (None: everyone) were lost.
+        Their files are passed over, and the watches checked by a rescan (a lost
+        IN_DELETE_SELF would leave a watch on a directory that is gone)."""
         with self._lock:
             self.totals.overflows += 1
         self.metrics.overflows.inc()
-        log.warning("inotify queue overflowed: events were lost; starting a full pass")
-        self.request_pass(None)
+        if users is None:
+            log.warning("inotify queue overflowed: events were lost; starting a full pass")
+        else:
+            log.warning(
+                "inotify queue overflowed: events of %d users were lost; starting a pass over them",
+                len(users),
+            )
+        if users is None or users:
+            self.request_pass(users)
+        self._on_change()
 
     def request_pass(self, users: set[str] | None) -> None:
         """Ask the pass thread for a pass over `users` (None: every home)."""
@@ -347,6 +359,7 @@ class Service:
         found: dict[str, tuple[int, int]] = {}
         home_fd = open_root_dir(cfg.home_root)
         try:
+            full = self._root_changed(home_fd) or full
             for home in list_homes(home_fd, cfg) if full else self._unwatched(home_fd, found):
                 ident = self._walk(home_fd, home)
                 if ident is not None:
@@ -372,8 +385,24 @@ class Service:
             else:
                 self._degraded.add(user)
             new_users.add(user)
+        self.watcher.settle(self._degraded)
         if new_users and self._started:
             self.request_pass(new_users)  # copy what is already there
+
+    def _root_changed(self, home_fd: int) -> bool:
+        """Whether the home root just opened is not the one watched (replaced: `mv /home
+        /home.old` and a new /home; or its watch went with it): then it is watched again
+        and every home walked again, since the poll trusts watched homes by name."""
+        st = os.fstat(home_fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident == self.watcher.root_ident():
+            self._root_ident = ident
+            return False
+        replaced = ident != self._root_ident
+        if replaced and self._root_ident is not None:
+            log.info("the home root was replaced; watching the new one, walking every home")
+        self._root_ident = ident
+        return self.watcher.watch_root(ident) or replaced
 
     def _unwatched(self, home_fd: int, found: dict[str, tuple[int, int]]) -> Iterator[Home]:
         """The poll's view: names only for the homes already watched or degraded (they
@@ -433,10 +462,12 @@ class Service:
                 if ident is None:
                     self._degraded.discard(user)
                 elif self.watcher.add(user, ident):
-                    log.info("watching %s again", escape(self.watcher.sessions_path(user)))
+                    # One INFO when the last one is back (the watcher's), not one each.
+                    log.debug("watching %s again", escape(self.watcher.sessions_path(user)))
                     self._degraded.discard(user)
         finally:
             os.close(home_fd)
+        self.watcher.settle(self._degraded)
         # Those now watched get one pass to catch up, those still degraded their scan.
         self.request_pass(users)
 
@@ -515,7 +546,6 @@ class Service:
         signal.set_wakeup_fd(self._wake.fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
-        self.overflow.install()
         self.last_error.install()
         self.queue.start()
         self.watcher.start()
@@ -548,7 +578,6 @@ class Service:
                 self._pass_thread.join(max(0.0, deadline - time.monotonic()))
                 clean = clean and not self._pass_thread.is_alive()
             signal.set_wakeup_fd(-1)
-            self.overflow.uninstall()
             self.notifier.close()
             if not clean:
                 log.warning("copies still running after %.0f s; exiting anyway", STOP_SECONDS)
