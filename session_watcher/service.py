@@ -613,7 +613,7 @@ class Service:
                     self.notifier.send("WATCHDOG=1")
                 else:
                     log.error(
-                        "a thread died (observer, inotify reader, worker or pass); "
+                        "a thread died (an inotify reader, a copy worker or the pass); "
                         "withholding WATCHDOG=1"
                     )
                 next_ping = now + self.watchdog_every

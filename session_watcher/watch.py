@@ -53,7 +53,7 @@ def reader_index(user: str, readers: int = USER_READERS) -> int:
     return zlib.crc32(os.fsencode(user)) % readers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserWatch:
     user: str
     path: str
@@ -63,7 +63,7 @@ class UserWatch:
     cid: CallbackId
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RootWatch:
     ident: Ident
     wd: WatchDescriptor
@@ -145,7 +145,7 @@ class Watcher:
         self._root_reader = _Reader(self, "root")
         self._root_path = os.path.normpath(str(config.home_root))
         self._root: RootWatch | None = None
-        self._root_stale: RootWatch | None = None
+        self._root_stale: list[RootWatch] = []  # moved away: callbacks still registered
         self._by_user: dict[str, UserWatch] = {}
         # Dropped from the maps when their directory was deleted or moved away; their
         # callbacks are removed by the control thread (reap) before any re-watch.
@@ -206,15 +206,17 @@ class Watcher:
         """(Re)watch the home root, whose walk found `ident` (control thread)."""
         with self._lock:
             old, self._root = self._root, None
-            stale, self._root_stale = self._root_stale, None
+            stale, self._root_stale = self._root_stale, []
         reader = self._root_reader
-        for w in (old, stale):
-            if w is not None and reader.fd is not None:
+        for w in [*stale, *([] if old is None else [old])]:
+            if reader.fd is not None:
                 self._remove_callback(reader.fd, w.wd, w.cid, self._root_path)
         cid = CallbackId(next(self._ids))
         try:
             fd = reader.open()
-            wd = fd.add_callback(os.fsencode(self._root_path), ROOT_MASK, reader, cid)
+            wd = _checked(
+                fd, fd.add_callback(os.fsencode(self._root_path), ROOT_MASK, reader, cid), cid
+            )
         except (OSError, RuntimeError) as e:
             log.warning(
                 "cannot watch the home root %s (%s); new homes are found by polling",
@@ -255,7 +257,7 @@ class Watcher:
             fd = reader.open()
             if not fd.is_alive():
                 raise RuntimeError(f"inotify reader {reader.name} has stopped")
-            wd = fd.add_callback(os.fsencode(path), SESSIONS_MASK, reader, cid)
+            wd = _checked(fd, fd.add_callback(os.fsencode(path), SESSIONS_MASK, reader, cid), cid)
         except Exception as e:  # never fatal: the scan fallback serves the directory
             self._failed(user, path, e)
             return False
@@ -389,7 +391,8 @@ class Watcher:
                 return
             action = root_action(event.mask)
             if action is Action.GONE:
-                self._root, self._root_stale = None, root
+                self._root = None
+                self._root_stale.append(root)
         if action is not Action.NONE:
             self._on_change()
 
@@ -415,6 +418,15 @@ class Watcher:
         with self._lock:
             users = {uw.user for uw in reader.watches.values()}
         self._on_overflow(users)
+
+
+def _checked(fd: InotifyFD, wd: WatchDescriptor, cid: CallbackId) -> WatchDescriptor:
+    """watchdog 7.1 does not raise when inotify_add_watch fails with EACCES (root squashed
+    on NFS): it registers the callback under descriptor -1, where no event ever comes."""
+    if wd < 0:
+        fd.remove_callbacks([(wd, cid)])
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return wd
 
 
 def _errno_name(code: int | None) -> str | None:

@@ -8,6 +8,7 @@ failure has to be provoked (a watch that cannot be added, a reader held up)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from helpers import Tree, User, wait_for
 from test_service import COPY_LINE, StartFn, line, start, wait_stored
+from watchdog.observers import inotify_c
 from watchdog.observers.inotify_c import InotifyConstants as C
 from watchdog.observers.inotify_c import InotifyFD
 
@@ -301,3 +303,27 @@ def test_home_root_replaced_is_noticed_within_seconds(tree: Tree, start: StartFn
     wait_stored(tree, alice, "after.jsonl", line(2), timeout=10.0)
     assert COPY_LINE.search(svc.wait_log("copied 'alice/after.jsonl'")[0])  # by its close
     assert "Traceback" not in svc.log()
+
+
+def test_an_add_watchdog_lets_pass_with_eacces_is_a_failure(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watchdog 7.1 ignores EACCES from inotify_add_watch (root squashed on NFS) and files
+    the callback under descriptor -1, where no event comes: that must count as failed."""
+    alice = tree.add_user("alice")
+
+    def denied(fd: int, path: bytes, mask: int) -> int:
+        ctypes.set_errno(errno.EACCES)
+        return -1
+
+    calls = Calls()
+    w = Watcher(tree.config(), calls.on_file, calls.on_change, calls.on_overflow)
+    w.start()
+    try:
+        monkeypatch.setattr(inotify_c, "inotify_add_watch", denied)
+        assert not w.add("alice", ident(alice.sessions))
+        assert w.count() == 0
+        monkeypatch.undo()
+        assert w.add("alice", ident(alice.sessions))
+    finally:
+        w.stop()
