@@ -147,6 +147,10 @@ class Watcher:
         self._root: RootWatch | None = None
         self._root_stale: list[RootWatch] = []  # moved away: callbacks still registered
         self._by_user: dict[str, UserWatch] = {}
+        # user -> ident of `_by_user`, kept alongside: `users()` is called three times by
+        # every 5 s poll, and a copy of this dict is a C loop (50,000 users: 1 ms, where
+        # building it from `_by_user` took 11 ms).
+        self._idents: dict[str, Ident] = {}
         # Dropped from the maps when their directory was deleted or moved away; their
         # callbacks are removed by the control thread (reap) before any re-watch.
         self._stale: list[UserWatch] = []
@@ -236,7 +240,7 @@ class Watcher:
 
     def users(self) -> dict[str, Ident]:
         with self._lock:
-            return {u: w.ident for u, w in self._by_user.items()}
+            return self._idents.copy()
 
     def count(self) -> int:
         with self._lock:
@@ -267,6 +271,7 @@ class Watcher:
             if other is None or other.user == user:
                 reader.watches[wd] = uw
                 self._by_user[user] = uw
+                self._idents[user] = ident
         if other is not None and other.user != user:
             # One inode under two users' paths (a bind mount, a rename race): its events
             # would go to one of them only. Keep the first, scan this one.
@@ -281,6 +286,7 @@ class Watcher:
         """Stop watching `user` (control thread)."""
         with self._lock:
             uw = self._by_user.pop(user, None)
+            self._idents.pop(user, None)
             if uw is not None and uw.reader.watches.get(uw.wd) is uw:
                 del uw.reader.watches[uw.wd]
         if uw is not None and uw.reader.fd is not None:
@@ -348,6 +354,7 @@ class Watcher:
             if self._by_user.get(uw.user) is not uw:
                 return False
             del self._by_user[uw.user]
+            del self._idents[uw.user]
             if stale:
                 self._stale.append(uw)
         return True

@@ -327,3 +327,27 @@ def test_an_add_watchdog_lets_pass_with_eacces_is_a_failure(
         assert w.add("alice", ident(alice.sessions))
     finally:
         w.stop()
+
+
+def test_poll_notices_a_replaced_home_root_without_its_event(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root's IN_MOVE_SELF can be lost (an overflow of its queue): the 5 s poll then
+    sees a root of another (st_dev, st_ino) than the watched one, watches it and walks
+    every home again instead of trusting the watched homes by name."""
+    alice = tree.add_user("alice")
+    svc = ServiceObject(tree.config(), environ={})
+    svc.watcher.start()
+    try:
+        svc.rescan(full=True)
+        assert svc.watcher.root_ident() == ident(tree.home_root)
+        monkeypatch.setattr(svc.watcher._root_reader, "on_event", lambda event: None)
+        tree.home_root.rename(str(tree.home_root) + ".old")
+        tree.home_root.mkdir(mode=0o755)
+        del tree.users["alice"]
+        alice = tree.add_user("alice", alice.uid)
+        svc.rescan(full=False)  # the poll
+        assert svc.watcher.root_ident() == ident(tree.home_root)
+        assert svc.watcher.users() == {"alice": ident(alice.sessions)}
+    finally:
+        svc.watcher.stop()
