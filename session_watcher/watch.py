@@ -73,8 +73,8 @@ class RootWatch:
 class _Reader:
     """One inotify instance and its thread; the `WatchCallback` for all of its watches (one
     object per instance, so watchdog calls `on_queue_overflow` once per overflow, not once
-    per watch). `watches` maps a watch descriptor to its user's watch; the Watcher's lock
-    guards it."""
+    per watch). `watches` maps a watch descriptor to its user's watch: written under the
+    Watcher's lock, read on the reader thread without it (one dict lookup)."""
 
     def __init__(self, watcher: Watcher, name: str) -> None:
         self.name = name
@@ -123,8 +123,8 @@ class Watcher:
     file: copy it `delay` seconds from now, for the event at wall time `when` (None: no
     event to measure latency from); `on_change()` when the home root or a watched
     directory changed so that watches need a rescan; `on_overflow(users)` when a kernel
-    queue overflowed and the events of `users` were lost (None: the home root's, or any
-    user's: everyone).
+    queue overflowed and the events of `users` were lost (None: the home root's queue, so
+    any home may have changed).
     """
 
     def __init__(
@@ -158,6 +158,7 @@ class Watcher:
         self._degraded = Episode()  # directories that could not be watched
         self._stopping = False
         self._guard_failed = False
+        self._root_failing = False  # the home root's watch: one WARNING until it works
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -222,12 +223,15 @@ class Watcher:
                 fd, fd.add_callback(os.fsencode(self._root_path), ROOT_MASK, reader, cid), cid
             )
         except (OSError, RuntimeError) as e:
-            log.warning(
-                "cannot watch the home root %s (%s); new homes are found by polling",
-                escape(self._root_path),
-                e,
-            )
+            if not self._root_failing:
+                log.warning(
+                    "cannot watch the home root %s (%s); new homes are found by polling",
+                    escape(self._root_path),
+                    e,
+                )
+            self._root_failing = True
             return False
+        self._root_failing = False
         with self._lock:
             self._root = RootWatch(ident, wd, cid)
         log.debug("watching the home root %s", escape(self._root_path))

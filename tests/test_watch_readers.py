@@ -351,3 +351,35 @@ def test_poll_notices_a_replaced_home_root_without_its_event(
         assert svc.watcher.users() == {"alice": ident(alice.sessions)}
     finally:
         svc.watcher.stop()
+
+
+def test_a_home_root_that_cannot_be_watched_warns_once(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Then every 5 s poll tries again (new homes are found by polling meanwhile), quietly,
+    and without walking every home each time."""
+    tree.add_user("alice")
+    real_add = InotifyFD.add_callback
+    root = os.fsencode(tree.home_root)
+
+    def add_callback(self: InotifyFD, path: bytes, *args: Any) -> Any:
+        if path == root:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return real_add(self, path, *args)
+
+    monkeypatch.setattr(InotifyFD, "add_callback", add_callback)
+    caplog.set_level(logging.INFO, logger="session_watcher")
+    svc = ServiceObject(tree.config(), environ={})
+    svc.watcher.start()
+    try:
+        svc.rescan(full=True)
+        for _ in range(3):
+            svc.rescan(full=False)
+        assert svc.watcher.root_ident() is None and svc.watcher.count() == 1
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        monkeypatch.undo()
+        svc.rescan(full=False)
+        assert svc.watcher.root_ident() == ident(tree.home_root)
+    finally:
+        svc.watcher.stop()
