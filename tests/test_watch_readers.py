@@ -383,3 +383,27 @@ def test_a_home_root_that_cannot_be_watched_warns_once(
         assert svc.watcher.root_ident() == ident(tree.home_root)
     finally:
         svc.watcher.stop()
+
+
+def test_an_error_in_a_callback_is_logged_once_and_the_reader_reads_on(
+    tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = tree.add_user("alice")
+    calls = Calls()
+
+    def broken(user: str, name: str, when: float | None, delay: float) -> None:
+        calls.on_file(user, name, when, delay)
+        raise ValueError("a bug")
+
+    w = Watcher(tree.config(), broken, calls.on_change, calls.on_overflow)
+    w.start()
+    try:
+        assert w.add("alice", ident(alice.sessions))
+        for name in ("a.jsonl", "b.jsonl"):
+            (alice.sessions / name).write_bytes(line(1))
+        wait_for(lambda: calls.file("alice", "b.jsonl"), timeout=5.0)
+        assert w.alive()
+    finally:
+        w.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
