@@ -77,8 +77,8 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
         if "JOURNAL_STREAM" not in os.environ:
             text = "%(asctime)s " + text
         handler.setFormatter(logging.Formatter(text))
-    # The handler filters too: a library logger whose level was lowered on purpose (the
-    # overflow detector lowers watchdog's to WARNING) must not print below `level`.
+    # The handler filters too: a library logger whose level was lowered on purpose must
+    # not print below `level`.
     handler.setLevel(level)
     root = logging.getLogger()
     root.handlers[:] = [handler]

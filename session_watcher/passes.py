@@ -16,6 +16,7 @@ when its call returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ class WalkerJobs:
     """What the walker runs; each may raise (logged, the walker goes on)."""
 
     run_pass: Callable[[set[str] | None], None]
-    rescan: Callable[[bool], None]
+    rescan: Callable[[bool, set[str] | None], None]  # (full, only these users)
     retry_degraded: Callable[[], None]
 
 
@@ -58,6 +59,7 @@ class Walker:
         self._pass_asked = False
         self._urgent = False  # asked by something else than an overflow: never delayed
         self._rescan: bool | None = None  # None: no rescan asked; True: full
+        self._rescan_users: set[str] = set()  # a rescan of only these (after their overflow)
         self._degraded = False
         self._generation = 0
         self._thread: threading.Thread | None = None
@@ -83,9 +85,13 @@ class Walker:
             return float("-inf")
         return self._last_overflow_pass + OVERFLOW_SPACING
 
-    def request_rescan(self, *, full: bool) -> None:
+    def request_rescan(self, *, full: bool, users: set[str] | None = None) -> None:
+        """Full: walk every home. Not full: the poll (homes not watched yet), plus a walk of
+        `users` (whose watches may have lost an event)."""
         with self._cond:
             self._rescan = bool(self._rescan) or full
+            if users:
+                self._rescan_users |= users
             self._cond.notify_all()
 
     def request_degraded(self) -> None:
@@ -136,17 +142,18 @@ class Walker:
             return not t.is_alive()
         return True
 
-    def _take(self) -> tuple[str, object] | None:
+    def _take(self) -> tuple[str, Callable[[], None]] | None:
         """The next job, or None to wait. Rescans first (cheap, and a pass needs the watches
         set before it, so that nothing closed during the pass is lost), then degraded
         retries, then passes."""
         now = self._clock()
         if self._rescan is not None:
             full, self._rescan = self._rescan, None
-            return ("rescan", full)
+            again, self._rescan_users = self._rescan_users, set()
+            return ("rescan", functools.partial(self._jobs.rescan, full, None if full else again))
         if self._degraded:
             self._degraded = False
-            return ("degraded", None)
+            return ("degraded", self._jobs.retry_degraded)
         due_full = self._next_full is not None and now >= self._next_full
         if (self._pass_asked and now >= self._not_before()) or due_full:
             users = self._pass_users if self._pass_asked else None
@@ -157,7 +164,7 @@ class Walker:
             self._pass_asked, self._pass_users, self._urgent = False, set(), False
             if users is None and self._interval:
                 self._next_full = now + self._interval
-            return ("pass", users)
+            return ("pass", functools.partial(self._jobs.run_pass, users))
         return None
 
     def _timeout(self) -> float | None:
@@ -178,15 +185,10 @@ class Walker:
                 if job is None:
                     self._cond.wait(self._timeout())
                     continue
-            kind, arg = job
+            kind, step = job
             self.busy_since = self._clock()
             try:
-                if kind == "rescan":
-                    self._jobs.rescan(bool(arg))
-                elif kind == "degraded":
-                    self._jobs.retry_degraded()
-                else:
-                    self._jobs.run_pass(arg)  # type: ignore[arg-type]
+                step()
             except Retired:  # replaced while stuck: the new walker has the work
                 return
             except OSError as e:  # an unusable root this time; the next one tries again

@@ -39,7 +39,7 @@ from .reporter import PUBLISH_SECONDS, Reporter, View
 from .safefs import escape
 from .store import Store, lookup_gid
 from .stuck import StuckGuard
-from .watch import OverflowDetector, Watcher
+from .watch import Watcher
 from .watchset import WatchSet
 
 __all__ = ["Service", "run_service"]
@@ -127,11 +127,10 @@ class Service:
             on_shed=self._on_shed,
         )
         self.queue = self.live.queue
-        self.watcher = Watcher(config, self.live.submit, self._on_change)
+        self.watcher = Watcher(config, self.live.submit, self._on_change, self._on_overflow)
         self.watchset = WatchSet(
             config, self.watcher, self.guard.io, self.limiter, self.walker.request_pass
         )
-        self.overflow = OverflowDetector(self._on_overflow)
         self.reporter = Reporter(
             config,
             self.notifier,
@@ -157,10 +156,22 @@ class Service:
         log.warning("user %s has too many files waiting; serving them by a pass", escape(str(user)))
         self.walker.request_pass({str(user)})
 
-    def _on_overflow(self) -> None:
+    def _on_overflow(self, users: set[str] | None) -> None:
+        """A kernel queue overflowed: the events of `users` (None: the home root's queue,
+        so anyone's) were lost. Their files are passed over, and their watches checked (a
+        lost IN_DELETE_SELF would leave a watch on a directory that is gone)."""
         self.reporter.overflow()
-        log.warning("inotify queue overflowed: events were lost; starting a full pass")
-        self.walker.request_pass(None, overflow=True)
+        if users is None:
+            log.warning("inotify queue overflowed: events were lost; starting a full pass")
+            self.walker.request_pass(None, overflow=True)
+            return
+        log.warning(
+            "inotify queue overflowed: events of %d users were lost; starting a pass over them",
+            len(users),
+        )
+        if users:
+            self.walker.request_rescan(full=False, users=users)
+            self.walker.request_pass(users)
 
     def request_pass(self, users: set[str] | None) -> None:
         """Ask the walker for a pass over `users` (None: every home)."""
@@ -186,8 +197,8 @@ class Service:
 
     # --- the walker's jobs -----------------------------------------------------------------
 
-    def _rescan(self, full: bool) -> None:
-        self.watchset.rescan(full=full)
+    def _rescan(self, full: bool, users: set[str] | None) -> None:
+        self.watchset.rescan(full=full, users=users)
 
     def _retry_degraded(self) -> None:
         self.watchset.retry_degraded()
@@ -249,7 +260,6 @@ class Service:
         signal.set_wakeup_fd(self._wake.fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
-        self.overflow.install()
         self.reporter.last_error.install()
         self.queue.start()
         self.watcher.start()
@@ -271,7 +281,6 @@ class Service:
             clean = self.queue.stop(STOP_SECONDS)
             clean = self.walker.join(max(0.0, deadline - time.monotonic())) and clean
             signal.set_wakeup_fd(-1)
-            self.overflow.uninstall()
             if not clean:
                 blocked = self.guard.blocked_threads()
                 self.stuck_exit = bool(blocked)
@@ -326,7 +335,7 @@ class Service:
                     self.notifier.send("WATCHDOG=1")
                 else:
                     log.error(
-                        "a thread died (observer, inotify reader, worker or walker); "
+                        "a thread died (an inotify reader, a copy worker or the walker); "
                         "withholding WATCHDOG=1"
                     )
                 next_ping = now + self.watchdog_every

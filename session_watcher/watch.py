@@ -1,169 +1,130 @@
-"""inotify watches (through watchdog) on every qualifying user's sessions directory and on
-the home root, turned into (user, name) work items. Nothing here copies: the handler only
-looks the event up and hands it on, because one slow copy on watchdog's dispatcher
-thread would stall every event, and one exception there kills the observer.
+"""inotify watches on every qualifying user's sessions directory and on the home root,
+turned into (user, name) work items, on a small fixed number of reader threads.
+
+watchdog 7.1 is the inotify layer, used below its observer: each `InotifyFD()` is one
+kernel inotify instance (its own event queue) read by one thread, which calls the
+`WatchCallback` registered for a watch. Its `InotifyEmitter` would add one thread per
+watched directory (5,000 users: 5,009 threads; about 22,000: `can't start new thread`);
+here a directory costs one watch and two dict entries, whatever their number.
+
+Users are spread over `USER_READERS` instances by a hash of their name, the home root has
+one of its own: a queue overflow (one user's flood of closes can cause it) loses the
+events of the users sharing that queue only, and only they need a repair pass.
+
+Everything on a reader thread only looks names up and hands work on: no copy, no
+path-based file-system call (one user's hung FUSE or NFS mount would stall every user
+sharing the reader), no exception escaping (it would end the reader: no more events).
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
-import stat
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers.api import ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
-from watchdog.observers.inotify_c import InotifyConstants, Mask
-from watchdog.observers.inotify_move_event_grouper import (
-    GroupedInotifyEvent,
-    PathedInotifyEvent,
-)
+from watchdog.observers.inotify_c import CallbackId, InotifyEvent, InotifyFD, WatchDescriptor
 
 from .config import Config
-from .homes import is_session_name
-from .safefs import escape
+from .episode import Episode
+from .events import CREATED_DELAY, ROOT_MASK, SESSIONS_MASK, Action, root_action, sessions_action
+from .logfmt import fields
+from .safefs import errno_name, escape
 
-__all__ = ["OVERFLOW_LOGGER", "OverflowDetector", "Watcher"]
+__all__ = ["USER_READERS", "Watcher", "reader_index"]
 
 log = logging.getLogger(__name__)
 
-OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+# Independent inotify instances for the users (plus one for the home root). Each is one
+# thread and one of the uid's `fs.inotify.max_user_instances` (128 by default). Four
+# confine an overflow to about a quarter of the users at the cost of three threads.
+USER_READERS = 4
 
-# The kernel mask follows from these: IN_CLOSE_WRITE | IN_MOVE | IN_CREATE | IN_DELETE_SELF,
-# and through _Emitter IN_ATTRIB (an mtime set after the close: `cp -p`, tar, `touch -r`)
-# and IN_MOVE_SELF (the directory renamed away: `mv sessions sessions.old`).
-SESSION_EVENTS: list[type[FileSystemEvent]] = [
-    FileClosedEvent,
-    FileMovedEvent,
-    FileCreatedEvent,
-    FileAttribEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
-HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
-
-# A file that open(O_CREAT) just made is empty, and its writer's close follows within
-# microseconds. Copying it at once would install an empty file in the store, and that
-# copy's cost would space out (delay) the copy the close asks for. So an empty created
-# file is asked for this much later; the close's request supersedes it. An empty file
-# moved in from elsewhere (no close follows) still lands, this much later.
-CREATED_EMPTY_DELAY = 1.0
+Ident = tuple[int, int]  # (st_dev, st_ino)
 
 
-@dataclass(frozen=True)
+def reader_index(user: str, readers: int = USER_READERS) -> int:
+    """Which user instance watches `user`: stable across runs (crc32, not hash())."""
+    return zlib.crc32(os.fsencode(user)) % readers
+
+
+@dataclass(frozen=True, slots=True)
 class UserWatch:
     user: str
     path: str
-    ident: tuple[int, int]  # (st_dev, st_ino) of the sessions directory when scheduled
-    watch: ObservedWatch
+    ident: Ident  # (st_dev, st_ino) of the sessions directory the walk verified
+    reader: _Reader
+    wd: WatchDescriptor
+    cid: CallbackId
 
 
-class OverflowDetector(logging.Handler):
-    """watchdog 7.1 reports a kernel queue overflow only as a log record; catch it there.
-
-    Attached to watchdog's logger with that logger forced to WARNING, so it fires whatever
-    level the operator chose (the operator's own handler still filters what is printed)."""
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._on_overflow()
-
-    def install(self) -> None:
-        logger = logging.getLogger(OVERFLOW_LOGGER)
-        if logger.getEffectiveLevel() > logging.WARNING:
-            logger.setLevel(logging.WARNING)
-        logger.addHandler(self)
-
-    def uninstall(self) -> None:
-        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
+@dataclass(frozen=True, slots=True)
+class RootWatch:
+    ident: Ident
+    wd: WatchDescriptor
+    cid: CallbackId
 
 
-class _Emitter(InotifyEmitter):
-    """watchdog 7.1's inotify emitter plus two kernel events it leaves out:
+class _Reader:
+    """One inotify instance and its thread; the `WatchCallback` for all of its watches (one
+    object per instance, so watchdog calls `on_queue_overflow` once per overflow, not once
+    per watch). `watches` maps a watch descriptor to its user's watch: written under the
+    Watcher's lock, read on the reader thread without it (one dict lookup)."""
 
-    - IN_ATTRIB when FileAttribEvent is in the filter: its filter-to-mask map knows only
-      FileModifiedEvent, which would also add IN_MODIFY (an event per write);
-    - IN_MOVE_SELF when DirMovedEvent is in the filter (non-recursive watches), reported
-      as DirMovedEvent(watched path, ""): watchdog neither asks for it nor reports it, so
-      a watched directory renamed away went unnoticed while its watch followed the old
-      inode under the old name.
-    """
-
-    def get_event_mask_from_filter(self) -> Mask:
-        mask = super().get_event_mask_from_filter()
-        wanted = self._event_filter or frozenset()
-        if FileAttribEvent in wanted:
-            mask = Mask(mask | InotifyConstants.IN_ATTRIB)
-        if DirMovedEvent in wanted and not self.watch.is_recursive:
-            mask = Mask(mask | InotifyConstants.IN_MOVE_SELF)
-        return mask
-
-    def build_and_queue_event(
-        self, event: GroupedInotifyEvent, *, full_events: bool = False
-    ) -> None:
-        if isinstance(event, PathedInotifyEvent) and event.ev.is_move_self:
-            self.queue_event(DirMovedEvent(self.watch.path, ""))
-            return
-        super().build_and_queue_event(event, full_events=full_events)
-
-
-class _Observer(InotifyObserver):
-    """InotifyObserver with _Emitter; `reader` is watchdog's InotifyFD thread, which reads
-    the kernel queue for every watch (if it ends, no event arrives any more)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._emitter_class = _Emitter
-
-    @property
-    def reader(self) -> threading.Thread:
-        return self._inotify_fd
-
-    def emitter_alive(self, watch: ObservedWatch) -> bool:
-        """Whether the watch still has a running emitter (watchdog stops it for good when
-        the watched directory is deleted)."""
-        with self._lock:
-            emitter = self._emitter_for_watch.get(watch)
-        return emitter is not None and emitter.is_alive()
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: Watcher, name: str) -> None:
+        self.name = name
         self._w = watcher
+        self.fd: InotifyFD | None = None
+        self.watches: dict[WatchDescriptor, UserWatch] = {}
 
-    def dispatch(self, event: FileSystemEvent) -> None:
+    def open(self) -> InotifyFD:
+        """The running instance, started now if it is not yet. Raises OSError (EMFILE:
+        `max_user_instances`) or RuntimeError (`can't start new thread`, TasksMax)."""
+        if self.fd is not None:
+            return self.fd
+        fd = InotifyFD()
+        fd.name = f"inotify-{self.name}"
         try:
-            self._w._on_event(event)
-        except Exception:  # never let anything escape into watchdog's thread
-            log.exception("error handling event %r", event)
+            fd.start()
+        except BaseException:
+            # The thread never ran, so close() would leave its reading end to it: release
+            # the descriptors here.
+            fd._closed = True
+            fd._close_resources()
+            raise
+        self.fd = fd
+        return fd
+
+    def alive(self) -> bool:
+        return self.fd is None or self.fd.is_alive()
+
+    # --- WatchCallback (the reader thread) ---------------------------------------------------
+
+    def on_event(self, event: InotifyEvent) -> None:
+        self._w._guard(self._w._on_event, self, event)
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        self._w._guard(self._w._on_watch_deleted, self, wd)
+
+    def on_queue_overflow(self) -> None:
+        self._w._guard(self._w._on_queue_overflow, self)
 
 
 class Watcher:
-    """Owns the observer and the map sessions-directory path -> user.
+    """The watches, and the map watch -> user.
 
-    `on_file(user, name, when, delay)` is called (on the dispatcher thread: it must be
-    quick) for a closed, created or renamed-in session file: copy it `delay` seconds from
-    now, for the event at wall time `when` (None: no event to measure latency from);
-    `on_change()` when the home root or a watched directory changed so that watches need
-    a rescan.
+    Callbacks, all on a reader thread (quick, never blocking on the file system):
+    `on_file(user, name, when, delay)` for a closed, created, renamed-in or touched session
+    file: copy it `delay` seconds from now, for the event at wall time `when` (None: no
+    event to measure latency from); `on_change()` when the home root or a watched
+    directory changed so that watches need a rescan; `on_overflow(users)` when a kernel
+    queue overflowed and the events of `users` were lost (None: the home root's queue, so
+    any home may have changed).
     """
 
     def __init__(
@@ -171,181 +132,313 @@ class Watcher:
         config: Config,
         on_file: Callable[[str, str, float | None, float], None],
         on_change: Callable[[], None],
+        on_overflow: Callable[[set[str] | None], None],
+        *,
+        readers: int = USER_READERS,
     ) -> None:
         self.config = config
         self._on_file = on_file
         self._on_change = on_change
-        self._observer = _Observer()
-        self._handler = _Handler(self)
+        self._on_overflow = on_overflow
         self._lock = threading.Lock()
-        self._by_path: dict[str, UserWatch] = {}
-        self._by_user: dict[str, UserWatch] = {}
-        # Dropped from the maps when their directory was deleted or renamed away (or their
-        # emitter died); unscheduled by the control thread (reap) before any re-watch.
-        self._stale: list[UserWatch] = []
+        self._readers = [_Reader(self, str(i)) for i in range(readers)]
+        self._root_reader = _Reader(self, "root")
         self._root_path = os.path.normpath(str(config.home_root))
-        self._root_watch: ObservedWatch | None = None
+        self._root: RootWatch | None = None
+        self._root_stale: list[RootWatch] = []  # moved away: callbacks still registered
+        self._by_user: dict[str, UserWatch] = {}
+        # user -> ident of `_by_user`, kept alongside: `users()` is called three times by
+        # every 5 s poll, and a copy of this dict is a C loop (50,000 users: 1 ms, where
+        # building it from `_by_user` took 11 ms).
+        self._idents: dict[str, Ident] = {}
+        # Dropped from the maps when their directory was deleted or moved away; their
+        # callbacks are removed by the control thread (reap) before any re-watch.
+        self._stale: list[UserWatch] = []
+        self._ids = itertools.count(1)  # callback ids: unique, so never one overwritten
+        self._degraded = Episode()  # directories that could not be watched
+        self._stopping = False
+        self._guard_failed = False
+        self._root_failing = False  # the home root's watch: one WARNING until it works
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._observer.start()
-        try:
-            self._root_watch = self._observer.schedule(
-                self._handler, self._root_path, recursive=False, event_filter=HOME_ROOT_EVENTS
-            )
-        except OSError as e:
-            log.warning(
-                "cannot watch the home root %s (%s); new homes are found by polling",
-                escape(self._root_path),
-                e,
-            )
-
-    def rewatch_root(self) -> None:
-        """The home root was replaced (its watch follows the old directory): watch the
-        directory now at the configured path."""
-        if self._root_watch is not None:
+        """Start the readers and watch the home root. Never raises: a reader that cannot
+        start is tried again by the next `add` on it (its users are scanned until then)."""
+        for reader in [self._root_reader, *self._readers]:
             try:
-                self._observer.unschedule(self._root_watch)
-            except (KeyError, OSError):
-                pass
-            self._root_watch = None
+                reader.open()
+            except (OSError, RuntimeError) as e:
+                log.warning("cannot start inotify reader %s: %s", reader.name, e)
         try:
-            self._root_watch = self._observer.schedule(
-                self._handler, self._root_path, recursive=False, event_filter=HOME_ROOT_EVENTS
-            )
+            st = os.stat(self._root_path, follow_symlinks=False)
         except OSError as e:
             log.warning("cannot watch the home root %s (%s)", escape(self._root_path), e)
+            return
+        self.watch_root((st.st_dev, st.st_ino))
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._observer.stop()
-        self._observer.join(timeout)
+        self._stopping = True  # close() reports every watch deleted: nothing to rescan
+        deadline = time.monotonic() + timeout
+        for reader in [self._root_reader, *self._readers]:
+            if reader.fd is not None:
+                reader.fd.stop()
+        for reader in [self._root_reader, *self._readers]:
+            if reader.fd is not None and reader.fd.is_alive():
+                reader.fd.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
-        """The dispatcher and the inotify reader threads; not the 5,000 emitters (a dead
-        one costs one user its events until the next full rescan finds it: `drop_dead`)."""
-        return self._observer.is_alive() and self._observer.reader.is_alive()
+        """Every reader thread that was started is still reading (if one ends, its users
+        get no event any more, so WATCHDOG=1 must stop)."""
+        return all(r.alive() for r in [self._root_reader, *self._readers])
 
-    # --- watches --------------------------------------------------------------------------
+    def threads(self) -> int:
+        """Reader threads running: a constant, whatever the number of watches."""
+        readers = [self._root_reader, *self._readers]
+        return sum(1 for r in readers if r.fd is not None and r.fd.is_alive())
+
+    # --- the home root --------------------------------------------------------------------
+
+    def root_ident(self) -> Ident | None:
+        """(st_dev, st_ino) of the home root when its watch was added; None when it is not
+        watched (its watch failed, or it was deleted or moved away). The control loop
+        compares it with the root it opens: a different one means the root was replaced
+        (`mv /home /home.old`, a restore), so every home must be walked again."""
+        with self._lock:
+            return None if self._root is None else self._root.ident
+
+    def watch_root(self, ident: Ident) -> bool:
+        """(Re)watch the home root, whose walk found `ident` (control thread)."""
+        with self._lock:
+            old, self._root = self._root, None
+            stale, self._root_stale = self._root_stale, []
+        reader = self._root_reader
+        for w in [*stale, *([] if old is None else [old])]:
+            if reader.fd is not None:
+                self._remove_callback(reader.fd, w.wd, w.cid, self._root_path)
+        cid = CallbackId(next(self._ids))
+        try:
+            fd = reader.open()
+            wd = _checked(
+                fd, fd.add_callback(os.fsencode(self._root_path), ROOT_MASK, reader, cid), cid
+            )
+        except (OSError, RuntimeError) as e:
+            if not self._root_failing:
+                log.warning(
+                    "cannot watch the home root %s (%s); new homes are found by polling",
+                    escape(self._root_path),
+                    e,
+                )
+            self._root_failing = True
+            return False
+        self._root_failing = False
+        with self._lock:
+            self._root = RootWatch(ident, wd, cid)
+        log.debug("watching the home root %s", escape(self._root_path))
+        return True
+
+    # --- watches (control thread) ---------------------------------------------------------
 
     def sessions_path(self, user: str) -> str:
         return os.path.join(self._root_path, user, *self.config.sessions_parts)
 
-    def users(self) -> dict[str, tuple[int, int]]:
+    def users(self) -> dict[str, Ident]:
         with self._lock:
-            return {u: w.ident for u, w in self._by_user.items()}
-
-    def add(self, user: str, ident: tuple[int, int]) -> bool:
-        """Watch a user's sessions directory. False (with one WARNING) if it cannot be
-        watched: ENOSPC (watch limit), EMFILE, EACCES, ..."""
-        path = self.sessions_path(user)
-        self.reap()  # else watchdog would keep the dead watch on this same path
-        try:
-            watch = self._observer.schedule(
-                self._handler, path, recursive=False, event_filter=SESSION_EVENTS
-            )
-        except OSError as e:
-            log.warning(
-                "cannot watch %s (%s); serving it by a scan every 30 s",
-                escape(path),
-                e.strerror or e,
-            )
-            return False
-        uw = UserWatch(user, path, ident, watch)
-        with self._lock:
-            self._by_path[path] = uw
-            self._by_user[user] = uw
-        log.debug("watching %s", escape(path))
-        return True
-
-    def remove(self, user: str) -> None:
-        """Unschedule; watchdog silently ignores re-scheduling a path it still holds, so a
-        deleted-then-recreated directory must be unscheduled before it is watched again."""
-        with self._lock:
-            uw = self._by_user.pop(user, None)
-            if uw is not None:
-                self._by_path.pop(uw.path, None)
-        if uw is None:
-            return
-        try:
-            self._observer.unschedule(uw.watch)
-        except (KeyError, OSError) as e:  # already gone with its directory
-            log.debug("unschedule %s: %r", escape(uw.path), e)
-
-    def drop_dead(self) -> None:
-        """Mark stale the watches whose emitter thread has ended (control thread, on full
-        rescans: a dict lookup and is_alive per watch)."""
-        with self._lock:
-            watches = list(self._by_user.values())
-        for uw in watches:
-            if not self._observer.emitter_alive(uw.watch):
-                log.warning("watch on %s had stopped; watching it again", escape(uw.path))
-                self._drop(uw.path)
-
-    def reap(self) -> None:
-        """Unschedule the stale watches (control thread: unschedule joins the emitter)."""
-        with self._lock:
-            stale, self._stale = self._stale, []
-        for uw in stale:
-            log.info("sessions directory of %s went or changed; unwatching it", escape(uw.user))
-            try:
-                self._observer.unschedule(uw.watch)
-            except (KeyError, OSError) as e:  # already unscheduled
-                log.debug("unschedule %s: %r", escape(uw.path), e)
-
-    def _drop(self, path: str) -> bool:
-        """Forget the watch on `path` at once; reap() unschedules it later. Quick: it runs
-        on the dispatcher thread too."""
-        with self._lock:
-            uw = self._by_path.pop(path, None)
-            if uw is None:
-                return False
-            if self._by_user.get(uw.user) is uw:
-                del self._by_user[uw.user]
-            self._stale.append(uw)
-        return True
+            return self._idents.copy()
 
     def count(self) -> int:
         with self._lock:
             return len(self._by_user)
 
-    # --- events (dispatcher thread) -----------------------------------------------------
+    def add(self, user: str, ident: Ident) -> bool:
+        """Watch a user's sessions directory, which the safe walk just found as `ident`.
+        False if it cannot be watched (ENOSPC: the watch limit; EMFILE; a reader that
+        cannot start, ...): the caller serves it by a scan. The first such failure while
+        none is failing is one WARNING; the rest are DEBUG until `settle` or `add` sees
+        every directory watched again (one INFO)."""
+        self.reap()  # a stale watch on this same inode would share its descriptor
+        self.remove(user)
+        path = self.sessions_path(user)
+        reader = self._readers[reader_index(user, len(self._readers))]
+        cid = CallbackId(next(self._ids))
+        try:
+            fd = reader.open()
+            if not fd.is_alive():
+                raise RuntimeError(f"inotify reader {reader.name} has stopped")
+            wd = _checked(fd, fd.add_callback(os.fsencode(path), SESSIONS_MASK, reader, cid), cid)
+        except Exception as e:  # never fatal: the scan fallback serves the directory
+            self._failed(user, path, e)
+            return False
+        uw = UserWatch(user, path, ident, reader, wd, cid)
+        with self._lock:
+            other = reader.watches.get(wd)
+            if other is None or other.user == user:
+                reader.watches[wd] = uw
+                self._by_user[user] = uw
+                self._idents[user] = ident
+        if other is not None and other.user != user:
+            # One inode under two users' paths (a bind mount, a rename race): its events
+            # would go to one of them only. Keep the first, scan this one.
+            self._remove_callback(fd, wd, cid, path)
+            self._failed(user, path, OSError(f"same directory as {escape(other.user)}'s"))
+            return False
+        if self._degraded.ok(user):
+            self._recovered()
+        return True
 
-    def _on_event(self, event: FileSystemEvent) -> None:
-        when = time.time()
-        src = os.fsdecode(event.src_path)
-        if isinstance(event, FileMovedEvent):
-            self._file(os.fsdecode(event.dest_path), when)
-        elif isinstance(event, FileClosedEvent | FileAttribEvent):
-            self._file(src, when)
-        elif isinstance(event, FileCreatedEvent):
-            self._file(src, when, created=True)
-        elif isinstance(event, DirDeletedEvent | DirMovedEvent) and self._drop(src):
-            # A watched directory was deleted (watchdog has stopped its emitter for good)
-            # or renamed away (its watch follows the old inode): whatever the inode of the
-            # directory now at that path, it is watched afresh by the rescan.
-            self._on_change()
-        elif isinstance(event, DirCreatedEvent | DirDeletedEvent | DirMovedEvent) and (
-            os.path.dirname(src) == self._root_path
-        ):
-            # A home appeared, went or was renamed.
-            self._on_change()
+    def remove(self, user: str) -> None:
+        """Stop watching `user` (control thread)."""
+        with self._lock:
+            uw = self._by_user.pop(user, None)
+            self._idents.pop(user, None)
+            if uw is not None and uw.reader.watches.get(uw.wd) is uw:
+                del uw.reader.watches[uw.wd]
+        if uw is not None and uw.reader.fd is not None:
+            self._remove_callback(uw.reader.fd, uw.wd, uw.cid, uw.path)
 
-    def _file(self, path: str, when: float, *, created: bool = False) -> None:
-        directory, name = os.path.split(path)
-        uw = self._by_path.get(directory)
-        if uw is None or not is_session_name(name):
-            return
-        if created and _is_empty_file(path):
-            self._on_file(uw.user, name, None, CREATED_EMPTY_DELAY)
+    def settle(self, degraded: Collection[str]) -> None:
+        """The users the caller still serves by scan (those whose home went or whose
+        directory is watched again are not): ends the episode of failed watches when none
+        is left."""
+        if self._degraded.keep(degraded):
+            self._recovered()
+
+    def drop_dead(self) -> None:
+        """Forget the watches of a reader whose thread has ended: they are added again,
+        and fail (served by scan) while that reader cannot run."""
+        with self._lock:
+            dead = [uw for uw in self._by_user.values() if not uw.reader.alive()]
+        for uw in dead:
+            log.warning("inotify reader of %s had stopped", escape(uw.path))
+            self._drop(uw, stale=True)
+
+    def reap(self) -> None:
+        """Remove the callbacks of the watches dropped on the reader threads."""
+        with self._lock:
+            stale, self._stale = self._stale, []
+        for uw in stale:
+            log.info("sessions directory of %s went or changed; unwatching it", escape(uw.user))
+            if uw.reader.fd is not None:
+                self._remove_callback(uw.reader.fd, uw.wd, uw.cid, uw.path)
+
+    def _failed(self, user: str, path: str, e: Exception) -> None:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        code = e.errno if isinstance(e, OSError) else None
+        if self._degraded.fail(user):
+            log.warning(
+                "cannot watch %s (%s); it and any other directory that cannot be watched "
+                "are served by a scan every 30 s until watches can be added again",
+                escape(path),
+                reason,
+                extra=fields(user, reason="watch-degraded", errno=_errno_label(code)),
+            )
         else:
-            self._on_file(uw.user, name, when, 0.0)
+            log.debug("cannot watch %s (%s) either", escape(path), reason)
+
+    def _recovered(self) -> None:
+        log.info(
+            "every sessions directory is watched again (%d were served by a scan)",
+            self._degraded.total,
+            extra=fields(reason="watch-recovered"),
+        )
+
+    @staticmethod
+    def _remove_callback(fd: InotifyFD, wd: WatchDescriptor, cid: CallbackId, path: str) -> None:
+        try:
+            fd.remove_callbacks([(wd, cid)])
+        except OSError as e:  # the watch went with its directory
+            log.debug("unwatch %s: %r", escape(path), e)
+
+    def _drop(self, uw: UserWatch, *, stale: bool) -> bool:
+        """Forget `uw` at once (reader thread too: dict work only); `stale`: its callback
+        is still registered, for `reap` to remove."""
+        with self._lock:
+            if uw.reader.watches.get(uw.wd) is uw:
+                del uw.reader.watches[uw.wd]
+            if self._by_user.get(uw.user) is not uw:
+                return False
+            del self._by_user[uw.user]
+            del self._idents[uw.user]
+            if stale:
+                self._stale.append(uw)
+        return True
+
+    # --- events (reader threads) ----------------------------------------------------------
+
+    def _guard(self, handler: Callable[..., None], *args: object) -> None:
+        """Run `handler` on a reader thread: nothing may escape (it would end the reader);
+        the first failure is logged with its traceback, later ones at DEBUG."""
+        try:
+            handler(*args)
+        except Exception:
+            if not self._guard_failed:
+                self._guard_failed = True
+                log.exception("error handling an inotify event")
+            else:
+                log.debug("error handling an inotify event", exc_info=True)
+
+    def _on_event(self, reader: _Reader, event: InotifyEvent) -> None:
+        if reader is self._root_reader:
+            self._on_root_event(event)
+            return
+        uw = reader.watches.get(event.wd)
+        if uw is None:  # dropped, or an event still queued for a removed watch
+            return
+        name = os.fsdecode(event.name)
+        action = sessions_action(event.mask, name)
+        if action is Action.COPY_NOW:
+            self._on_file(uw.user, name, time.time(), 0.0)
+        elif action is Action.COPY_LATER:
+            self._on_file(uw.user, name, None, CREATED_DELAY)
+        elif action is Action.GONE and self._drop(uw, stale=True):
+            # Deleted (IN_IGNORED follows) or moved away (its watch follows the old inode
+            # under the old name): whatever is at that path now is watched afresh.
+            self._on_change()
+
+    def _on_root_event(self, event: InotifyEvent) -> None:
+        with self._lock:
+            root = self._root
+            if root is None or event.wd != root.wd:
+                return
+            action = root_action(event.mask)
+            if action is Action.GONE:
+                self._root = None
+                self._root_stale.append(root)
+        if action is not Action.NONE:
+            self._on_change()
+
+    def _on_watch_deleted(self, reader: _Reader, wd: WatchDescriptor) -> None:
+        """watchdog saw IN_IGNORED (or closed the instance): the kernel dropped the watch."""
+        if self._stopping:
+            return
+        if reader is self._root_reader:
+            with self._lock:
+                if self._root is None or self._root.wd != wd:
+                    return
+                self._root = None
+            self._on_change()
+            return
+        uw = reader.watches.get(wd)
+        if uw is not None and self._drop(uw, stale=False):
+            self._on_change()
+
+    def _on_queue_overflow(self, reader: _Reader) -> None:
+        if reader is self._root_reader:
+            self._on_overflow(None)
+            return
+        with self._lock:
+            users = {uw.user for uw in reader.watches.values()}
+        self._on_overflow(users)
 
 
-def _is_empty_file(path: str) -> bool:
-    # lstat only: a symlink or FIFO is handed on at once, to be refused by the copy.
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+def _checked(fd: InotifyFD, wd: WatchDescriptor, cid: CallbackId) -> WatchDescriptor:
+    """watchdog 7.1 does not raise when inotify_add_watch fails with EACCES (root squashed
+    on NFS): it registers the callback under descriptor -1, where no event ever comes."""
+    if wd < 0:
+        fd.remove_callbacks([(wd, cid)])
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return wd
+
+
+def _errno_label(code: int | None) -> str | None:
+    return errno_name(code) if code else None

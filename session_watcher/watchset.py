@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 
 from .config import Config
@@ -48,36 +48,30 @@ class WatchSet:
     def degraded(self) -> list[str]:
         return sorted(self.watcher.sessions_path(u) for u in list(self._degraded))
 
-    def rescan(self, *, full: bool) -> None:
+    def rescan(self, *, full: bool, users: set[str] | None = None) -> None:
         """Bring the set of watches in line with the homes on disk.
 
         Full: every qualifying home is walked (after home-root events and with every full
         pass). Not full (the 5 s poll): only homes not watched yet, so that a home whose
         owner was set after `useradd` created it, or whose sessions directory came later,
-        is picked up without walking thousands of watched homes every few seconds; but a
-        home root that is another directory than last time (`mv /home /home.old` and a new
-        /home) makes it a full rescan, with the root watched afresh.
+        is picked up without walking thousands of watched homes every few seconds; plus
+        `users`, walked again (their queue overflowed: a lost IN_DELETE_SELF would leave a
+        watch on a directory that is gone). A home root that is another directory than
+        the one watched (`mv /home /home.old` and a new /home) makes it full.
         """
         cfg = self.config
         home_fd = open_root_dir(cfg.home_root)
         try:
-            st = os.fstat(home_fd)
-            root = (st.st_dev, st.st_ino)
-            if self._root is not None and root != self._root:
-                log.warning(
-                    "home root %s is another directory than before; watching it afresh",
-                    escape(str(cfg.home_root)),
-                )
-                self.watcher.rewatch_root()
-                full = True
-            self._root = root
+            full = self._root_changed(home_fd) or full
             if full:
-                self.watcher.drop_dead()  # a watch whose emitter ended is watched afresh
-            self.watcher.reap()  # deleted or moved away: unscheduled, re-added below if back
+                self.watcher.drop_dead()  # a watch whose reader ended is watched afresh
+            self.watcher.reap()  # deleted or moved away: unwatched, re-added below if back
             watched = self.watcher.users()
             found: dict[str, Ident] = {}
-            homes = (
-                list_homes(home_fd, cfg, self._guard) if full else self._unwatched(home_fd, found)
+            homes: Iterable[Home] = (
+                list_homes(home_fd, cfg, self._guard)
+                if full
+                else self._unwatched(home_fd, found, users or set())
             )
             for home in homes:
                 ident = self._walk(home_fd, home)
@@ -104,8 +98,24 @@ class WatchSet:
             else:
                 self._degraded.add(user)
             new_users.add(user)
+        self.watcher.settle(self._degraded)
         if new_users and self.started:
             self._request_pass(new_users)  # copy what is already there
+
+    def _root_changed(self, home_fd: int) -> bool:
+        """Whether the home root just opened is not the one watched (replaced: `mv /home
+        /home.old` and a new /home; or its watch went with it): then it is watched again
+        and every home walked again, since the poll trusts watched homes by name."""
+        st = os.fstat(home_fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident == self.watcher.root_ident():
+            self._root = ident
+            return False
+        replaced = ident != self._root
+        if replaced and self._root is not None:
+            log.info("the home root was replaced; watching the new one, walking every home")
+        self._root = ident
+        return self.watcher.watch_root(ident) or replaced
 
     def _add(self, user: str, ident: Ident) -> bool:
         try:
@@ -114,7 +124,7 @@ class WatchSet:
         except UserStuck:
             return False
 
-    def _unwatched(self, home_fd: int, found: dict[str, Ident]) -> Iterator[Home]:
+    def _unwatched(self, home_fd: int, found: dict[str, Ident], again: set[str]) -> Iterator[Home]:
         """The poll's view: names only for the homes already watched or degraded (they
         go into `found` as they are; a full rescan re-checks their owners), an lstat only
         for the others. At 5,000 watched homes this is one directory listing every 5 s
@@ -123,7 +133,7 @@ class WatchSet:
         with os.scandir(home_fd) as it:
             names = [e.name for e in it if not e.name.startswith(".")]
         for name in names:
-            if name in watched:
+            if name in watched and name not in again:
                 found[name] = watched[name]
             elif name in self._degraded:
                 found[name] = (0, 0)
@@ -195,9 +205,11 @@ class WatchSet:
                 if ident is None:
                     self._degraded.discard(user)
                 elif self._add(user, ident):
-                    log.info("watching %s again", escape(self.watcher.sessions_path(user)))
+                    # One INFO when the last one is back (the watcher's), not one each.
+                    log.debug("watching %s again", escape(self.watcher.sessions_path(user)))
                     self._degraded.discard(user)
         finally:
             os.close(home_fd)
+        self.watcher.settle(self._degraded)
         # Those now watched get one pass to catch up, those still degraded their scan.
         self._request_pass(users)

@@ -158,7 +158,7 @@ def walker() -> Iterator[tuple[Walker, list[object], Clock]]:
     w = Walker(
         WalkerJobs(
             run_pass=lambda users: record(("pass", users)),
-            rescan=lambda full: record(("rescan", full)),
+            rescan=lambda full, users: record(("rescan", full)),
             retry_degraded=lambda: record("degraded"),
         ),
         stop,

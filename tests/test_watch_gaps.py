@@ -83,19 +83,20 @@ def test_mtime_only_change_reaches_the_store(tree: Tree, start: StartFn) -> None
 
 
 def test_dead_inotify_reader_thread_is_unhealthy(tree: Tree) -> None:
-    """watchdog's InotifyFD thread reads the kernel queue for every watch: if it ends,
-    no event arrives any more, so WATCHDOG=1 must stop (Service._healthy uses alive())."""
+    """An InotifyFD thread reads the kernel queue for its watches: if it ends, no event
+    arrives for them any more, so WATCHDOG=1 must stop (Service._healthy uses alive())."""
     tree.add_user("alice")
     svc = ServiceObject(tree.config(), environ={})
     watcher = svc.watcher
     watcher.start()
     try:
         assert watcher.alive()
-        reader = watcher._observer._inotify_fd
+        reader = watcher._root_reader.fd
+        assert reader is not None
         reader.should_keep_running = lambda: False  # type: ignore[method-assign]
         (tree.home_root / "bob").mkdir()  # an event wakes the reader, which then ends
         wait_for(lambda: not reader.is_alive(), timeout=5.0, what="the reader to end")
-        assert watcher._observer.is_alive()  # the dispatcher alone would look healthy
+        assert watcher.threads() == 4  # the others read on: one dead reader is enough
         assert not watcher.alive()
     finally:
         watcher.stop()

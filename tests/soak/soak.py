@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
+from session_watcher.watch import reader_index
 
 REPO = Path(__file__).resolve().parents[2]
 UID_BASE = 21000
@@ -645,6 +646,10 @@ class Soak:
         live = [u for u in self.users if u.exists.is_set()]
         if not live:
             return
+        # Users sharing one inotify instance: each has its own kernel queue, so a burst
+        # spread over all of them would fill none.
+        queue = reader_index(rng.choice(live).name)
+        live = [u for u in live if reader_index(u.name) == queue]
         pid = self.signal_service(signal.SIGSTOP)
         if pid is None:
             return
