@@ -1,15 +1,18 @@
-"""Fixtures shared by every test module: a real home tree, a tmpfs mount, a thread-leak guard."""
+"""Fixtures shared by every test module: a real home tree, a tmpfs mount, a thread-leak guard,
+the service as a real process (`start`) and a stand-in for systemd's notify socket."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Tree, make_base, remove_base, wait_for
+from harness import START_TIMEOUT, NotifySocket, Service, StartFn
+from helpers import Tree, cli_env, make_base, remove_base, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +62,44 @@ def tmpfs(tree: Tree) -> Iterator[Callable[[Path, str], Path]]:
         if subprocess.run(["umount", str(where)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(where)], check=False)
         assert not os.path.ismount(where)
+
+
+@pytest.fixture
+def start(tree: Tree) -> Iterator[StartFn]:
+    """`start(*flags, env=..., ready=True)` runs `session-watcher run` on `tree` (settle 0,
+    no periodic pass unless the flags say otherwise) and, with `ready`, waits for its
+    "ready" line. An `env` value of "" removes that variable. Every process started is
+    killed in teardown."""
+    started: list[Service] = []
+
+    def _start(*extra: str, env: dict[str, str] | None = None, ready: bool = True) -> Service:
+        argv = [
+            sys.executable,
+            "-m",
+            "session_watcher",
+            "run",
+            *tree.cli_args("--settle", "0", "--reconcile-interval", "0", *extra),
+        ]
+        log_path = tree.base / f"service-{len(started)}.log"
+        log_file = log_path.open("wb")
+        full_env = {k: v for k, v in cli_env(env).items() if v != ""}
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=full_env
+        )
+        svc = Service(proc, log_path, log_file)
+        started.append(svc)
+        if ready:
+            svc.wait_log("ready: watching", timeout=START_TIMEOUT)
+        return svc
+
+    yield _start
+    for svc in started:
+        svc.close()
+
+
+@pytest.fixture
+def notify_path(tree: Tree) -> Iterator[NotifySocket]:
+    # tree.base is short (/tmp/sw-test-...): sun_path holds only 108 bytes.
+    ns = NotifySocket(str(tree.base / "notify.sock"))
+    yield ns
+    ns.close()

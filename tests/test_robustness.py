@@ -9,8 +9,8 @@ import threading
 from collections.abc import Hashable
 
 import pytest
+from harness import line
 from helpers import Tree, run_cli, wait_for
-from test_service import line
 
 from session_watcher.copy import Result, SourceDir
 from session_watcher.live import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, retry_delay

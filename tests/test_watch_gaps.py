@@ -11,13 +11,10 @@ import os
 import signal
 import sys
 
+from harness import COPY_LINE, StartFn, line, wait_stored
 from helpers import Tree, run_as, wait_for
-from test_service import COPY_LINE, StartFn, line, start, wait_stored
 
 from session_watcher.service import Service as ServiceObject
-
-__all__ = ["start"]  # the fixture, shared with test_service.py
-
 
 UTIME = "import os, sys; os.utime(sys.argv[1], (1700000000, 1700000000))"
 

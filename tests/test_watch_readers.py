@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import COPY_LINE, StartFn, line, wait_stored
 from helpers import Tree, User, wait_for
-from test_service import COPY_LINE, StartFn, line, start, wait_stored
 from watchdog.observers import inotify_c
 from watchdog.observers.inotify_c import InotifyConstants as C
 from watchdog.observers.inotify_c import InotifyFD
@@ -28,8 +28,6 @@ from session_watcher.episode import Episode
 from session_watcher.events import CREATED_DELAY, Action, root_action, sessions_action
 from session_watcher.service import Service as ServiceObject
 from session_watcher.watch import Watcher, reader_index
-
-__all__ = ["start"]  # the fixture, shared with test_service.py
 
 # --- pure decisions -----------------------------------------------------------------------
 
