@@ -168,6 +168,8 @@ def test_unit_has_the_directives_the_service_relies_on() -> None:
     assert value("TimeoutStopSec")
     assert "-/etc/default/session-watcher" in values("EnvironmentFile")
     assert value("RuntimeDirectory") == "session-watcher"
+    # The state file's "running": false outlives the stop (systemd deletes it otherwise).
+    assert is_yes(value("RuntimeDirectoryPreserve"))
 
     assert value("ProtectSystem") == "strict"
     # "-": a missing store must not fail the namespace setup (226/NAMESPACE) of the "+"
