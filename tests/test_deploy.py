@@ -193,6 +193,21 @@ def test_unit_has_the_directives_the_service_relies_on() -> None:
     assert value("WantedBy", "Install") == "multi-user.target"
 
 
+def test_readmes_drop_in_for_another_store_keeps_the_units_form() -> None:
+    # The same "-" and "+" and umask as the unit's own lines, or a store that does not exist
+    # yet fails the start (226/NAMESPACE); tests/test_systemd.py runs this drop-in for real.
+    readme = (REPO / "README.md").read_text()
+    recipe = re.search(r"or for another store.*?\n\n((?:    .*\n)+)", readme, re.DOTALL)
+    assert recipe, "the README's drop-in for another store is gone"
+    lines = [line.strip() for line in recipe.group(1).splitlines()]
+    assert lines[0] == "[Service]"
+    assert "ExecStartPre=" in lines and "ReadWritePaths=" in lines  # resets come first
+    (mkdir,) = [v for v in values("ExecStartPre") if "mkdir" in v]
+    other = [line for line in lines if line.startswith("ExecStartPre=+")]
+    assert other == ["ExecStartPre=" + mkdir.replace("/data/user_sessions", "/srv/store")]
+    assert "ReadWritePaths=-/srv/store" in lines
+
+
 def test_env_file_documents_every_setting() -> None:
     text = ENV_FILE.read_text()
     documented = set(re.findall(r"^#(SESSION_WATCHER_[A-Z_]+)=", text, re.MULTILINE))
