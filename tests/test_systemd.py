@@ -74,6 +74,15 @@ NSPAWN_HOST_DIRS = (
     "/run/systemd/nspawn",
     "/run/systemd/nspawn-root",
 )
+# What `make install` and the unit create in the container; the host must not see any of it.
+INSTALLED = (
+    "/opt/session-watcher",
+    f"/etc/systemd/system/{UNIT}.service",
+    f"/etc/systemd/system/multi-user.target.wants/{UNIT}.service",
+    ENV_FILE,
+    STORE,
+    RUNTIME_DIR,
+)
 
 
 # --- the container -------------------------------------------------------------------------
@@ -287,6 +296,7 @@ def box() -> Iterator[Container]:
     """A booted container with session-watcher installed by `make install`, a data-ops
     group, a user with a sessions directory, and JSON logs; no /data."""
     before = {d for d in NSPAWN_HOST_DIRS if os.path.lexists(d)}
+    host_had = {p: os.path.lexists(p) for p in INSTALLED}
     base = Path(tempfile.mkdtemp(prefix="sw-systemd-"))
     container = Container(base)
     started = time.monotonic()
@@ -323,6 +333,7 @@ def box() -> Iterator[Container]:
                     os.rmdir(os.path.join(d, container.name))
                 except OSError:
                     pass
+    assert {p: os.path.lexists(p) for p in INSTALLED} == host_had, "the host was changed"
 
 
 def reset(box: Container) -> None:
