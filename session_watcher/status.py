@@ -335,8 +335,8 @@ def _service_text(report: Report, now: float) -> list[str]:
         # Under the unit the file outlives a stop (RuntimeDirectoryPreserve=yes) but not a
         # reboot.
         out.append(
-            f"service: not running: no state file at {escape(report.state_file)} "
-            "(not started since boot, or it writes another --state-file)"
+            f"service: no state file at {escape(report.state_file)}: not run since boot "
+            "(or it writes another --state-file)"
         )
         return out
     written = age(doc, now)
