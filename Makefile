@@ -88,7 +88,9 @@ install:  ## venv in $(PREFIX), unit in $(UNITDIR), env file (never overwritten)
 uninstall:  ## remove venv and unit; keeps $(ENVFILE) unless PURGE=1, never touches the store
 	@[ "$$(id -u)" = 0 ] || { echo "make uninstall: run as root" >&2; exit 1; }
 	@case "$(PREFIX)" in /?*) ;; *) echo "make uninstall: PREFIX must be an absolute path" >&2; exit 1;; esac
-	@if [ -d /run/systemd/system ]; then systemctl disable --now session-watcher 2>/dev/null || true; fi
+	# The unit keeps its runtime directory (the state file) after a stop; not after this.
+	@if [ -d /run/systemd/system ]; then systemctl disable --now session-watcher 2>/dev/null || true; \
+	    systemctl clean --what=runtime session-watcher 2>/dev/null || true; fi
 	rm -f $(UNITDIR)/session-watcher.service
 	rm -rf $(PREFIX)
 	@if [ "$(PURGE)" = 1 ]; then rm -f $(ENVFILE); echo "removed $(ENVFILE)"; \

@@ -35,13 +35,19 @@ __all__ = [
     "check",
     "classify",
     "lagging",
+    "pid_alive",
     "render_json",
     "render_text",
     "scan",
+    "service_state",
 ]
 
 # The service rewrites its state file at least every 15 s while it runs.
 STALE_STATE_SECONDS = 60.0
+# /proc/stat's btime is whole seconds, and the service records started_at a moment after
+# its process started: a process that started more than this after started_at is another
+# one that got the pid.
+PID_REUSE_SLACK_SECONDS = 2.0
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -78,6 +84,18 @@ def lagging(unsynced: list[Unsynced], now: float, grace: float) -> list[tuple[Un
     return out
 
 
+def service_state(doc: dict[str, Any], alive: bool | None) -> str:
+    """The service as its state file and the process table tell it: stopped (it wrote
+    "running": false on its way out), gone (the file says running, but its process is not
+    there: killed, crashed), starting (initial pass) or running. `alive` is None when the
+    process could not be checked (no pid in the file)."""
+    if not doc.get("running"):
+        return "stopped"
+    if alive is False:
+        return "gone"
+    return "running" if doc.get("ready") else "starting"
+
+
 # --- the scan (I/O) ---------------------------------------------------------------------
 
 
@@ -109,6 +127,7 @@ class Report:
     state_file: str = ""
     service: dict[str, Any] | None = None
     service_error: str | None = None
+    service_state: str | None = None  # `service_state()`; None without a readable state file
 
     def lagging(self) -> list[tuple[Unsynced, float]]:
         return lagging(self.unsynced, self.checked_at, self.grace)
@@ -182,13 +201,52 @@ def _scan_user(
         us.problem = f"cannot list the sessions directory: {e.strerror or e}"
 
 
+def _process_started_at(pid: int) -> float | None:
+    """When process `pid` started (epoch seconds), from /proc; None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        # Field 22 (starttime, clock ticks after boot); `fields` starts at field 3.
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def pid_alive(pid: object, started_at: object) -> bool | None:
+    """Is the process that wrote the state file still there? False when no process has the
+    pid, or the one that has it started after the service did (the pid was reused); None
+    when the file names no pid."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another uid
+    except OSError:
+        return None
+    began = _process_started_at(pid)
+    if began is not None and isinstance(started_at, int | float):
+        return began <= started_at + PID_REUSE_SLACK_SECONDS
+    return True
+
+
 def attach_service(report: Report, state_file: str) -> None:
-    """Add the service's own view from its state file, when there is one."""
+    """Add the service's own view from its state file, when there is one, and whether the
+    process that wrote it is still there."""
     report.state_file = state_file
     try:
         report.service = read_state(Path(state_file))
     except (OSError, ValueError) as e:
         report.service_error = f"unreadable: {e}"
+        return
+    doc = report.service
+    if doc is not None:
+        alive = pid_alive(doc.get("pid"), doc.get("started_at")) if doc.get("running") else None
+        report.service_state = service_state(doc, alive)
 
 
 def check(config: Config, *, grace: float, now: float | None = None) -> Report:
@@ -274,16 +332,26 @@ def _service_text(report: Report, now: float) -> list[str]:
         return out
     doc = report.service
     if doc is None:
-        out.append(f"service: no state file at {escape(report.state_file)} (not running here?)")
+        # Under the unit the file outlives a stop (RuntimeDirectoryPreserve=yes) but not a
+        # reboot.
+        out.append(
+            f"service: no state file at {escape(report.state_file)}: not run since boot "
+            "(or it writes another --state-file)"
+        )
         return out
     written = age(doc, now)
-    state = "running" if doc.get("running") else "stopped"
-    if doc.get("running") and not doc.get("ready"):
-        state = "starting (initial pass)"
-    out.append(f"service: {state}, pid {doc.get('pid')}, version {doc.get('version')}")
-    if written is not None:
+    state = report.service_state or service_state(doc, None)
+    label = {
+        "starting": "starting (initial pass)",
+        "stopped": "stopped",
+        "gone": "not running: its process is gone without a clean stop (killed or crashed)",
+    }.get(state, state)
+    out.append(f"service: {label}, pid {doc.get('pid')}, version {doc.get('version')}")
+    if written is not None and state == "stopped":
+        out.append(f"  stopped {duration(written)} ago (its last write of the state file)")
+    elif written is not None:
         note = ""
-        if doc.get("running") and written > STALE_STATE_SECONDS:
+        if state != "gone" and written > STALE_STATE_SECONDS:
             note = "  <- not updated lately: the service may be hung or gone"
         out.append(f"  state written {duration(written)} ago{note}")
     if isinstance(doc.get("started_at"), int | float):
@@ -363,6 +431,7 @@ def render_json(report: Report) -> str:
         "state_file": report.state_file,
         "service": report.service,
         "service_error": report.service_error,
+        "service_state": report.service_state,
     }
     if report.service is not None:
         doc["service_state_age_s"] = (

@@ -93,6 +93,14 @@ def is_yes(v: str | None) -> bool:
     return v is not None and v.lower() in ("yes", "true", "on", "1")
 
 
+def seconds(v: str) -> float:
+    """A systemd time span as this unit writes them: 5s, 10min, 90 (seconds)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|min|h)?", v.strip())
+    assert match, f"time span not understood here: {v!r}"
+    unit = {"ms": 0.001, "s": 1, None: 1, "min": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
 # --- systemd-analyze --------------------------------------------------------------------
 
 
@@ -148,18 +156,29 @@ def test_unit_has_the_directives_the_service_relies_on() -> None:
     reload_cmd = value("ExecReload")
     assert reload_cmd is not None and "-HUP" in reload_cmd and "$MAINPID" in reload_cmd
     assert value("Restart") == "on-failure"
+    # A configuration error (exit 2) fails the unit at once; any other failure that keeps
+    # coming back reaches a start limit that RestartSec= cannot outrun.
+    assert "2" in list_setting("RestartPreventExitStatus")
+    interval = value("StartLimitIntervalSec", "Unit")
+    burst = value("StartLimitBurst", "Unit")
+    restart_sec = value("RestartSec")
+    assert interval is not None and burst is not None and restart_sec is not None
+    assert seconds(restart_sec) * (int(burst) - 1) < seconds(interval)
     watchdog = value("WatchdogSec")
     assert watchdog not in (None, "", "0", "infinity")
     assert value("TimeoutStopSec")
     assert "-/etc/default/session-watcher" in values("EnvironmentFile")
     assert value("RuntimeDirectory") == "session-watcher"
+    # The state file's "running": false outlives the stop (systemd deletes it otherwise).
+    assert is_yes(value("RuntimeDirectoryPreserve"))
 
     assert value("ProtectSystem") == "strict"
-    assert "/data/user_sessions" in list_setting("ReadWritePaths")
-    # ProtectSystem=strict cannot bind a missing store: the unit creates it before start.
-    assert any(
-        v.startswith("+") and v.split()[-1] == "/data/user_sessions" for v in values("ExecStartPre")
-    )
+    # "-": a missing store must not fail the namespace setup (226/NAMESPACE) of the "+"
+    # ExecStartPre that creates it; tests/test_systemd.py shows that under a real systemd.
+    assert "-/data/user_sessions" in list_setting("ReadWritePaths")
+    (mkdir,) = [v for v in values("ExecStartPre") if "mkdir" in v]
+    assert mkdir.startswith("+")
+    assert re.search(r"\bumask 0?022 && exec mkdir -p /data/user_sessions\b", mkdir), mkdir
     assert value("ProtectHome") == "read-only"
     for key in ("PrivateTmp", "PrivateNetwork", "PrivateDevices", "NoNewPrivileges"):
         assert is_yes(value(key)), key
@@ -173,6 +192,21 @@ def test_unit_has_the_directives_the_service_relies_on() -> None:
     assert not is_yes(value("RestrictSUIDSGID"))
     assert value("User") in (None, "root")
     assert value("WantedBy", "Install") == "multi-user.target"
+
+
+def test_readmes_drop_in_for_another_store_keeps_the_units_form() -> None:
+    # The same "-" and "+" and umask as the unit's own lines, or a store that does not exist
+    # yet fails the start (226/NAMESPACE); tests/test_systemd.py runs this drop-in for real.
+    readme = (REPO / "README.md").read_text()
+    recipe = re.search(r"or for another store.*?\n\n((?:    .*\n)+)", readme, re.DOTALL)
+    assert recipe, "the README's drop-in for another store is gone"
+    lines = [line.strip() for line in recipe.group(1).splitlines()]
+    assert lines[0] == "[Service]"
+    assert "ExecStartPre=" in lines and "ReadWritePaths=" in lines  # resets come first
+    (mkdir,) = [v for v in values("ExecStartPre") if "mkdir" in v]
+    other = [line for line in lines if line.startswith("ExecStartPre=+")]
+    assert other == ["ExecStartPre=" + mkdir.replace("/data/user_sessions", "/srv/store")]
+    assert "ReadWritePaths=-/srv/store" in lines
 
 
 def parser_options() -> set[tuple[str, str]]:

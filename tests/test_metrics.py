@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Tree, cli_env, wait_for
+from helpers import Tree, cli_env, run_cli, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_watcher.copy import Outcome, Result
@@ -103,6 +103,7 @@ def test_service_writes_state_and_metrics(tree: Tree, run: list[Run]) -> None:
 
     doc = read_state(state)
     assert doc is not None and doc["running"] is False
+    assert status_service(tree, state) == "stopped"
     text = prom.read_text()
     assert value(text, "session_watcher_ready") == 0
     assert value(text, "session_watcher_copies_total") == 2
@@ -117,6 +118,27 @@ def test_service_writes_state_and_metrics(tree: Tree, run: list[Run]) -> None:
     assert "alice" not in text and "a.jsonl" not in text  # no user data in labels
     assert sorted(os.listdir(prom.parent)) == ["sw.prom"]  # no temp file left
     assert sorted(p.name for p in tree.base.iterdir() if p.name.startswith(".")) == []
+
+
+def status_service(tree: Tree, state: Path) -> str | None:
+    """`session-watcher status --json`'s verdict on the service, from `state`."""
+    p = run_cli("status", "--json", *tree.cli_args("--state-file", str(state)))
+    verdict: str | None = json.loads(p.stdout)["service_state"]
+    return verdict
+
+
+def test_status_says_gone_after_kill_9(tree: Tree, run: list[Run]) -> None:
+    tree.add_user("alice")
+    state = tree.base / "state.json"
+    r = Run(tree, "--state-file", str(state))
+    run.append(r)
+    wait_for(lambda: (read_state(state) or {}).get("ready"), what="ready state")
+    assert status_service(tree, state) == "running"
+    r.proc.kill()
+    r.proc.wait(timeout=20)
+    doc = read_state(state)
+    assert doc is not None and doc["running"] is True  # it had no chance to say otherwise
+    assert status_service(tree, state) == "gone"
 
 
 def test_missing_state_dir_is_one_warning_and_the_service_runs(tree: Tree, run: list[Run]) -> None:

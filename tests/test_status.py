@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from helpers import Tree, root_only, run_cli, snapshot
 
 from session_watcher import reconcile
-from session_watcher.status import Unsynced, classify, lagging, scan
+from session_watcher.status import Unsynced, classify, lagging, pid_alive, scan, service_state
 
 OLD = time.time() - 1000  # a source changed long ago: past any grace
 
@@ -216,10 +217,10 @@ def test_service_view_from_the_state_file(tree: Tree) -> None:
         json.dumps(
             {
                 "version": "0.1.0",
-                "pid": 4242,
+                "pid": os.getpid(),  # a live process that started before started_at
                 "running": True,
                 "ready": True,
-                "started_at": now - 3600,
+                "started_at": now,
                 "updated_at": now - 1,
                 "users_watched": 1,
                 "degraded": ["/home/carol/user/sessions"],
@@ -246,13 +247,14 @@ def test_service_view_from_the_state_file(tree: Tree) -> None:
     p = run_cli("status", *tree.cli_args("--state-file", str(state)))
     assert p.returncode == 0
     out = p.stdout
-    assert "service: running, pid 4242" in out
+    assert f"service: running, pid {os.getpid()}" in out
     assert "degraded (scanned every 30 s): '/home/carol/user/sessions'" in out
     assert "3 copied, 9 skipped, 1 refused, 0 failed" in out
     assert "7 copies (700 bytes)" in out and "2 overflows" in out
     assert "No space left" in out
     _, doc = status_json(tree, "--state-file", str(state))
-    assert doc["service"]["pid"] == 4242 and 0 < doc["service_state_age_s"] < 60
+    assert doc["service"]["pid"] == os.getpid() and 0 < doc["service_state_age_s"] < 60
+    assert doc["service_state"] == "running"
     # An old state of a "running" service is flagged; a broken file is reported, not fatal.
     state.write_text(json.dumps({"running": True, "ready": True, "updated_at": now - 600}))
     assert (
@@ -262,6 +264,56 @@ def test_service_view_from_the_state_file(tree: Tree) -> None:
     state.write_text("{not json")
     p = run_cli("status", *tree.cli_args("--state-file", str(state)))
     assert p.returncode == 0 and "unreadable" in p.stdout
+    assert status_json(tree, "--state-file", str(state))[1]["service_state"] is None
+
+
+def test_service_state_stopped_gone_starting_running() -> None:
+    assert service_state({"running": False, "ready": True}, None) == "stopped"
+    assert service_state({"running": False}, True) == "stopped"  # its own word wins
+    assert service_state({"running": True, "ready": True}, False) == "gone"
+    assert service_state({"running": True, "ready": False}, False) == "gone"
+    assert service_state({"running": True, "ready": False}, True) == "starting"
+    assert service_state({"running": True, "ready": True}, True) == "running"
+    assert service_state({"running": True, "ready": True}, None) == "running"  # no pid
+
+
+def test_pid_alive_is_the_process_that_wrote_the_file() -> None:
+    now = time.time()
+    assert pid_alive(os.getpid(), now) is True
+    # Our pid, but a process that started an hour after "the service": the pid was reused.
+    assert pid_alive(os.getpid(), now - 3600) is False
+    exited = subprocess.Popen(["true"])
+    exited.wait()  # exited and reaped: no process has its pid now
+    assert pid_alive(exited.pid, now) is False
+    assert pid_alive(1, None) is True  # alive; no start time to compare
+    for no_pid in (None, "42", True, 0, -1):
+        assert pid_alive(no_pid, now) is None
+
+
+def test_status_says_stopped_or_gone(tree: Tree) -> None:
+    tree.add_user("alice")
+    state = tree.base / "state.json"
+    now = time.time()
+    base = {"version": "0.1.0", "ready": False, "started_at": now - 100, "updated_at": now - 90}
+    state.write_text(json.dumps({**base, "pid": os.getpid(), "running": False}))
+    _, doc = status_json(tree, "--state-file", str(state))
+    assert doc["service_state"] == "stopped"
+    text = run_cli("status", *tree.cli_args("--state-file", str(state))).stdout
+    assert f"service: stopped, pid {os.getpid()}" in text
+
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    state.write_text(json.dumps({**base, "pid": exited.pid, "running": True, "ready": True}))
+    _, doc = status_json(tree, "--state-file", str(state))
+    assert doc["service_state"] == "gone"
+    text = run_cli("status", *tree.cli_args("--state-file", str(state))).stdout
+    assert "service: not running: its process is gone" in text
+
+    state.unlink()
+    _, doc = status_json(tree, "--state-file", str(state))
+    assert (doc["service"], doc["service_state"]) == (None, None)
+    text = run_cli("status", *tree.cli_args("--state-file", str(state))).stdout
+    assert "service: no state file at" in text and "not run since boot" in text
 
 
 def test_status_is_read_only_on_store_modes(tree: Tree) -> None:
