@@ -90,9 +90,10 @@ class Result:
     latency: float | None = None
     # REFUSED only: the refusal's kind, one of REFUSAL_KINDS (a bounded metrics label).
     kind: str | None = None
-    # The source's ctime (ns) when it was found up to date or copied: the live service
-    # remembers it, so that a later event forces a copy only if the source changed since.
-    ctime_ns: int | None = dataclasses.field(default=None, compare=False)
+    # The source's (device, inode, ctime ns) when it was found up to date or copied: the
+    # live service remembers it, so that a later event forces a copy only if the source
+    # changed since.
+    source_id: tuple[int, int, int] | None = dataclasses.field(default=None, compare=False)
 
 
 _SKIPPED = Result(Outcome.SKIPPED)  # frozen: one instance serves every up-to-date file
@@ -333,7 +334,7 @@ def sync_file(
     limiter: LogLimiter | None = None,
     admit: Callable[[int], float] | None = None,
     force: bool = False,
-    copied_ctime: int | None = None,
+    copied_id: tuple[int, int, int] | None = None,
 ) -> Result:
     """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
 
@@ -346,10 +347,11 @@ def sync_file(
     `force` copies even when the store has the source's size and mtime (the quick check's
     blind spot: a rewrite in place of the same length, mtime set back); the live service
     passes it for a real event (a close after a write, a rename, an attribute change),
-    with `copied_ctime`, the source's ctime when it last copied it: then only a source
-    whose ctime moved since is forced (a write or a `utime` moves it; a close flood that
-    writes nothing does not, and costs no copy). Refusals and the torn-line rule apply all
-    the same.
+    with `copied_id`, the source's (device, inode, ctime) as of its last copy: then only a
+    source that changed since is forced (a write, `utime` or `chmod` moves the ctime; a
+    close flood that writes nothing does not, and costs no copy). The ctime is the fstat's
+    before the bytes are read, so a change during a copy counts as a change. Refusals and
+    the torn-line rule apply all the same.
     """
     if lstat is not None and not force:
         try:
@@ -372,7 +374,7 @@ def sync_file(
                     say,
                     admit,
                     force,
-                    copied_ctime,
+                    copied_id,
                 )
                 break
             except _Changed as e:
@@ -451,7 +453,7 @@ def _sync_once(
     say: LogLimiter,
     admit: Callable[[int], float] | None,
     force: bool = False,
-    copied_ctime: int | None = None,
+    copied_id: tuple[int, int, int] | None = None,
 ) -> Result:
     if pre is None:
         try:
@@ -464,8 +466,8 @@ def _sync_once(
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
-    if why is None and not _forced(force, copied_ctime, pre) and is_up_to_date(pre, tgt):
-        return Result(Outcome.SKIPPED, ctime_ns=pre.st_ctime_ns)
+    if why is None and not _forced(force, copied_id, pre) and is_up_to_date(pre, tgt):
+        return Result(Outcome.SKIPPED, source_id=_ident(pre))
 
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=source.fd)
@@ -483,9 +485,9 @@ def _sync_once(
         why = refusal(st, source.uid, config.max_file_bytes, source.dev)
         if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
             raise Refused.of(why)
-        force = _forced(force, copied_ctime, st)
+        force = _forced(force, copied_id, st)
         if not force and is_up_to_date(st, tgt):
-            return Result(Outcome.SKIPPED, ctime_ns=st.st_ctime_ns)
+            return Result(Outcome.SKIPPED, source_id=_ident(st))
         size = st.st_size
         # Only a hot source is searched for its last newline (a quiet one goes in whole).
         hot = size > 0 and is_hot(st.st_mtime, now, config.settle)
@@ -503,7 +505,7 @@ def _sync_once(
             and tgt.st_mtime_ns == st.st_mtime_ns
         ):
             # That prefix is in already.
-            return Result(Outcome.SKIPPED, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
+            return Result(Outcome.SKIPPED, recheck_at=recheck, source_id=_ident(st))
         old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
         grow, new_file = length - (old_size or 0), old_size is None
         if admit is not None and not dry_run:
@@ -545,11 +547,15 @@ def _sync_once(
             raise
     finally:
         os.close(fd)
-    return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
+    return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck, source_id=_ident(st))
 
 
-def _forced(force: bool, copied_ctime: int | None, st: os.stat_result) -> bool:
-    return force and (copied_ctime is None or st.st_ctime_ns != copied_ctime)
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _forced(force: bool, copied_id: tuple[int, int, int] | None, st: os.stat_result) -> bool:
+    return force and _ident(st) != copied_id
 
 
 def _install(

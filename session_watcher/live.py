@@ -75,10 +75,10 @@ class LiveCopier:
         )
         self.queue = WorkQueue(self.handle, workers=config.workers, on_shed=on_shed, clock=clock)
         self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing
-        # key -> the source's ctime when we last copied it or found it up to date: an
-        # event forces a copy only if the source changed since (see sync_file's `force`).
-        # Bounded: a file forgotten is forced once more on its next event, no more.
-        self._ctimes: OrderedDict[Hashable, int] = OrderedDict()
+        # key -> the source's (device, inode, ctime) when we last copied it or found it up
+        # to date: an event forces a copy only if the source changed since (sync_file's
+        # `force`). Bounded: a file forgotten is forced once more on its next event.
+        self._ctimes: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()
         self._ctimes_lock = threading.Lock()
 
     def submit(self, user: str, name: str, when: float | None, delay: float) -> None:
@@ -94,10 +94,10 @@ class LiveCopier:
         # ctime says it has not changed since our last copy.
         force = trigger is not None or key in self._failed
         with self._ctimes_lock:
-            copied_ctime = self._ctimes.get(key)
+            copied_id = self._ctimes.get(key)
         try:
             with self.guard.io(user):
-                result = self._copy(user, name, trigger, force, copied_ctime)
+                result = self._copy(user, name, trigger, force, copied_id)
         except UserStuck:
             return STUCK_RETRY_SECONDS
         if result is None:
@@ -122,7 +122,7 @@ class LiveCopier:
         name: str,
         trigger: float | None,
         force: bool = False,
-        copied_ctime: int | None = None,
+        copied_id: int | None = None,
     ) -> Result | None:
         cfg = self.config
         home_fd: int | None = None
@@ -163,7 +163,7 @@ class LiveCopier:
                 limiter=self.limiter,
                 admit=lambda n: self.budget.admit(user, n),
                 force=force,
-                copied_ctime=copied_ctime,
+                copied_id=copied_id,
             )
         except OSError as e:
             self.limiter.log(
@@ -186,10 +186,10 @@ class LiveCopier:
             close_quietly(home_fd)
 
     def _remember(self, key: Hashable, result: Result) -> None:
-        if result.ctime_ns is None:
+        if result.source_id is None:
             return
         with self._ctimes_lock:
-            self._ctimes[key] = result.ctime_ns
+            self._ctimes[key] = result.source_id
             self._ctimes.move_to_end(key)
             if len(self._ctimes) > CTIME_MEMORY:
                 self._ctimes.popitem(last=False)
