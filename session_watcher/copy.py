@@ -33,6 +33,7 @@ __all__ = [
     "Refusal",
     "Result",
     "SourceDir",
+    "forget_copies",
     "forget_warnings",
     "install_length",
     "is_hot",
@@ -58,6 +59,8 @@ SPARSE_MIN_BYTES = 1024 * 1024
 _MAX_EXTENTS = 4096
 # How many refused entries are remembered so that each is warned about once (see _Warned).
 _WARNED_MAX = 4096
+# How many copied files' source identities are remembered for forced calls (see _Copied).
+_COPIED_MAX = 16384
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,46 @@ def forget_warnings() -> None:
     _warned.clear()
 
 
+class _Copied:
+    """The source's (device, inode, ctime) as of each file's last copy by this process: a
+    bounded LRU, safe across threads. A forced call (a live event) copies a file whose size
+    and mtime match the store's only if this changed since (a write, utime or chmod sets
+    the ctime; a close without a write does not) or is not known (not copied by this
+    process, or forgotten): so an event whose change an earlier copy already took costs
+    no second copy. The ctime is the fstat taken before the bytes were read, so a change
+    during the copy counts as a change. (A kernel without fine-grained ctimes can give a
+    change in the same clock tick as that fstat the same ctime; since 6.13 ext4, xfs,
+    btrfs and tmpfs do not, once the ctime has been read.)"""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._seen: OrderedDict[tuple[str, str], tuple[int, int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, user: str, name: str, st: os.stat_result) -> None:
+        with self._lock:
+            self._seen[(user, name)] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            self._seen.move_to_end((user, name))
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+
+    def same(self, user: str, name: str, st: os.stat_result) -> bool:
+        with self._lock:
+            return self._seen.get((user, name)) == (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+_copied = _Copied(_COPIED_MAX)
+
+
+def forget_copies() -> None:
+    """Forget the sources' identities at their last copy, as a new process would (tests)."""
+    _copied.clear()
+
+
 class _RefusedEntry(Refused):
     """A refusal with its kind and the identity of the refused entry (for warn-once)."""
 
@@ -381,9 +424,10 @@ def sync_file(
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
     the event that asked for this copy, for the latency in the log line. `force` copies
     even when the store has the source's size and mtime (the quick check's blind spot: a
-    rewrite in place of the same length, mtime set back); the live service passes it for
-    a real event (a close after a write, a rename, an attribute change). Refusals and the
-    torn-line rule apply all the same.
+    rewrite in place of the same length, mtime set back), unless the source's ctime says
+    it has not changed since this process last copied it (`_Copied`); the live service
+    passes it for a real event (a close after a write, a rename, an attribute change).
+    Refusals and the torn-line rule apply all the same.
     """
     if lstat is not None and not force:
         try:
@@ -474,7 +518,7 @@ def _sync_once(
     tgt = store.lstat(name)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
-    if why is None and not force and is_up_to_date(pre, tgt):
+    if why is None and is_up_to_date(pre, tgt) and _trusted(force, source, name, pre):
         return Result(Outcome.SKIPPED)
 
     try:
@@ -499,7 +543,8 @@ def _sync_once(
         why = refusal(st, source.uid, config.max_file_bytes)
         if why is not None and (why.kind != "sparse" or _mostly_holes(fd, st.st_size)):
             raise _RefusedEntry(why, st)
-        if not force and is_up_to_date(st, tgt):
+        trusted = _trusted(force, source, name, st)
+        if trusted and is_up_to_date(st, tgt):
             return Result(Outcome.SKIPPED)
         size = st.st_size
         # Only a hot source is searched for its last newline (a quiet one goes in whole).
@@ -511,7 +556,7 @@ def _sync_once(
         if length == 0 and size > 0:
             return Result(Outcome.SKIPPED, recheck_at=recheck)  # not one whole line yet
         if (
-            not force
+            trusted
             and tgt is not None
             and stat.S_ISREG(tgt.st_mode)
             and tgt.st_size == length
@@ -534,9 +579,16 @@ def _sync_once(
             log.info("would copy %s (%d bytes)", _label(source, name), length)
             return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
         _install(config, source, store, name, fd, st, length)
+        _copied.note(source.user, name, st)
     finally:
         os.close(fd)
     return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
+
+
+def _trusted(force: bool, source: SourceDir, name: str, st: os.stat_result) -> bool:
+    """Whether size and mtime may say "up to date": always, unless forced; forced, only
+    when the source is unchanged (same inode and ctime) since our last copy of it."""
+    return not force or _copied.same(source.user, name, st)
 
 
 def _install(

@@ -16,10 +16,11 @@ from session_watcher import copy
 
 @pytest.fixture(autouse=True)
 def fresh_refusal_warnings() -> None:
-    """Each test starts as a new process would: every refused entry warns once again (the
-    engine remembers, per process, which it warned about; inode numbers of one test's
-    files come back in the next test's)."""
+    """Each test starts as a new process would: every refused entry warns once again, and
+    no file counts as copied by this process (the engine remembers both per process;
+    inode numbers of one test's files come back in the next test's)."""
     copy.forget_warnings()
+    copy.forget_copies()
 
 
 @pytest.fixture(autouse=True)

@@ -290,6 +290,26 @@ def test_same_size_rewrite_with_the_mtime_set_back_is_copied_only_when_forced(
     assert (dst.read_bytes(), dst.stat().st_mtime_ns) == (b"bbbb\n", src.stat().st_mtime_ns)
 
 
+def test_forced_call_copies_only_what_changed_since_its_last_copy(
+    tree: Tree, engine: Callable[..., Engine]
+) -> None:
+    """A close without a write, or an event whose change an earlier copy already took,
+    costs no second copy: forced calls trust size and mtime while the source's ctime is
+    the one this process copied. A chmod or a write changes the ctime; a new process
+    (forget_copies) knows nothing and copies once."""
+    e = engine()
+    src = tree.write("alice", "s.jsonl", LINE, mtime=1_700_000_000)
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.COPIED
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.SKIPPED  # nothing changed
+    os.chmod(src, 0o640)  # the ctime moves: maybe more than the mode changed
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.COPIED
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.SKIPPED
+    copy_mod.forget_copies()  # a restart
+    assert e.sync("s.jsonl").outcome is Outcome.SKIPPED  # a pass: the quick check
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.COPIED
+    assert e.sync("s.jsonl", force=True).outcome is Outcome.SKIPPED
+
+
 def test_forced_copy_keeps_the_torn_line_rule_and_the_refusals(
     tree: Tree, engine: Callable[..., Engine]
 ) -> None:
