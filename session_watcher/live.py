@@ -122,7 +122,7 @@ class LiveCopier:
         name: str,
         trigger: float | None,
         force: bool = False,
-        copied_id: int | None = None,
+        copied_id: tuple[int, int, int] | None = None,
     ) -> Result | None:
         cfg = self.config
         home_fd: int | None = None

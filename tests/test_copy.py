@@ -62,7 +62,7 @@ class Engine:
         now: float | None = None,
         lstat: os.stat_result | None = None,
         force: bool = False,
-        copied_id: int | None = None,
+        copied_id: tuple[int, int, int] | None = None,
     ) -> Result:
         return sync_file(
             self.config,
