@@ -78,7 +78,10 @@ def start(tree: Tree) -> Iterator[StartFn]:
             "-m",
             "session_watcher",
             "run",
-            *tree.cli_args("--settle", "0", "--reconcile-interval", "0", *extra),
+            # DEBUG: every copy's line (at INFO a user gets one a minute; see copy.py).
+            *tree.cli_args(
+                "--settle", "0", "--reconcile-interval", "0", "--log-level", "DEBUG", *extra
+            ),
         ]
         log_path = tree.base / f"service-{len(started)}.log"
         log_file = log_path.open("wb")

@@ -308,3 +308,20 @@ def test_cross_mounts_flag_and_environment(tree: Tree) -> None:
         "reconcile", *tree.cli_args("--json"), env={"SESSION_WATCHER_CROSS_MOUNTS": "maybe"}
     )
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+
+
+def test_copy_lines_are_one_a_minute_per_user_at_info(
+    tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 200,000 files renamed into a home must not be 200,000 journal lines: per user, the
+    # first copy in a minute is at INFO, the rest at DEBUG (counted in the next INFO one).
+    caplog.set_level(logging.DEBUG, logger="session_watcher")
+    for user in ("alice", "bob"):
+        tree.add_user(user)
+        for i in range(30):
+            tree.write(user, f"s{i}.jsonl", LINE)
+    assert reconcile(tree.config()).files_copied == 60
+    copied = [r for r in caplog.records if r.getMessage().startswith("copied ")]
+    assert len(copied) == 60
+    infos = sorted(getattr(r, "user", "") for r in copied if r.levelno == logging.INFO)
+    assert infos == ["alice", "bob"]

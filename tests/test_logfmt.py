@@ -39,12 +39,13 @@ def test_reconcile_json_logs_parse_with_fields(tree: Tree) -> None:
     odd = "evil\nINFO forged line \udcff.jsonl"
     tree.write_fast("alice", odd, b"x\n")
     os.symlink("/etc/shadow", tree.user("alice").sessions / "link.jsonl")
-    p = run_cli("reconcile", *tree.cli_args("--log-format", "json"))
+    p = run_cli("reconcile", *tree.cli_args("--log-format", "json", "--log-level", "DEBUG"))
     assert p.returncode == 0, p.stderr
     docs = json_lines(p.stderr)
     copied = {d["file"]: d for d in docs if d["msg"].startswith("copied")}
     assert copied["a.jsonl"]["user"] == "alice" and copied["a.jsonl"]["bytes"] == 8
-    assert copied["a.jsonl"]["level"] == "INFO"
+    # The user's first copy in a minute at INFO, the next at DEBUG (one line a minute).
+    assert sorted(d["level"] for d in copied.values()) == ["DEBUG", "INFO"]
     assert copied["a.jsonl"]["logger"] == "session_watcher.copy"
     assert copied["evil\nINFO forged line \\xff.jsonl"]["bytes"] == 2  # one line, escaped
     (refused,) = [d for d in docs if d["msg"].startswith("refused")]

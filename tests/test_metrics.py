@@ -96,7 +96,10 @@ def test_service_writes_state_and_metrics(tree: Tree, run: list[Run]) -> None:
     assert state.stat().st_mode & 0o777 == 0o644
 
     tree.write("alice", "a.jsonl", b'{"b":2}\n', append=True)  # a live copy: latency observed
-    wait_for(lambda: "after the event" in r.log(), what="live copy")
+    wait_for(
+        lambda: (d := read_state(state)) is not None and d["totals"]["copies"] == 2,
+        what="live copy",
+    )
     # The state file follows within about a second (it changed).
     wait_for(lambda: (read_state(state) or {}).get("totals", {}).get("copies") == 2, what="state")
     assert r.stop() == 0

@@ -296,7 +296,7 @@ def test_symlinked_store_root_fails_the_pass(tree: Tree) -> None:
 def test_odd_names_are_copied_byte_exact_and_logged_escaped(
     tree: Tree, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="session_watcher")
+    caplog.set_level(logging.DEBUG, logger="session_watcher")  # every copy's line
     u = tree.add_user("alice")
     names = [b"new\nline.jsonl", b"bad\xff\xfe.jsonl", b"-rf.jsonl", b"with space.jsonl"]
     for i, n in enumerate(names):
