@@ -156,6 +156,9 @@ def main() -> int:
             "0",
             "--state-file",
             str(base / "state.json"),
+            # Every copy's line (at INFO a user gets one a minute, the rest at DEBUG).
+            "--log-level",
+            "DEBUG",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_WATCHER_")}
         env["NOTIFY_SOCKET"] = str(notify)
