@@ -30,6 +30,7 @@ from types import FrameType
 
 from . import __version__
 from .config import Config
+from .copy import Result, SourceDir
 from .live import LiveCopier, Wiring
 from .notify import Notifier, watchdog_interval
 from .passes import Walker, WalkerJobs
@@ -146,8 +147,8 @@ class Service:
 
     # --- callbacks from other threads ----------------------------------------------------
 
-    def _count(self, result: object) -> None:
-        self.reporter.count(result)  # type: ignore[arg-type]
+    def _count(self, result: Result) -> None:
+        self.reporter.count(result)
 
     def _on_change(self) -> None:
         self.walker.request_rescan(full=True)
@@ -231,9 +232,9 @@ class Service:
             self._first_pass.set()
             self._wake.set()
 
-    def _on_pass_result(self, source: object, name: str, result: object) -> None:
-        self.reporter.count(result)  # type: ignore[arg-type]
-        self.live.after_pass(source, name, result)  # type: ignore[arg-type]
+    def _on_pass_result(self, source: SourceDir, name: str, result: Result) -> None:
+        self.reporter.count(result)
+        self.live.after_pass(source, name, result)
 
     # --- main loop -------------------------------------------------------------------------
 
