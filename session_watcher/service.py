@@ -271,13 +271,16 @@ class Service:
             clean = self.walker.join(max(0.0, deadline - time.monotonic())) and clean
             signal.set_wakeup_fd(-1)
             self.overflow.uninstall()
-            if not clean:
-                blocked = self.guard.blocked_threads()
-                self.stuck_exit = bool(blocked)
+            # Not only when the joins above timed out: a walker or worker replaced while
+            # stuck is no longer joined, and a pass's pool thread blocked in the kernel
+            # would hold the interpreter's exit (it joins that pool) for ever.
+            blocked = self.guard.blocked_threads()
+            self.stuck_exit = bool(blocked) or self.guard.in_flight() > 0
+            if not clean or self.stuck_exit:
                 log.warning(
                     "copies still running after %.0f s (%d threads blocked in a stuck file "
                     "system); exiting anyway",
-                    STOP_SECONDS,
+                    STOP_SECONDS if not clean else 0,
                     len(blocked),
                 )
             self.reporter.publish(force=True)  # running: false, ready: 0

@@ -124,6 +124,11 @@ class StuckGuard:
         with self._lock:
             return sorted(self._stuck)
 
+    def in_flight(self) -> int:
+        """Calls running now, stuck or not: at stop, a thread still in one may never end."""
+        with self._lock:
+            return len(self._calls)
+
     def blocked_threads(self) -> list[threading.Thread]:
         """The threads still blocked in a call that was reported stuck."""
         with self._lock:
