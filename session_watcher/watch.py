@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -58,9 +57,11 @@ HOME_ROOT_EVENTS: list[type[FileSystemEvent]] = [DirCreatedEvent, DirDeletedEven
 
 # A file that open(O_CREAT) just made is empty, and its writer's close follows within
 # microseconds. Copying it at once would install an empty file in the store, and that
-# copy's cost would space out (delay) the copy the close asks for. So an empty created
-# file is asked for this much later; the close's request supersedes it. An empty file
-# moved in from elsewhere (no close follows) still lands, this much later.
+# copy's cost would space out (delay) the copy the close asks for. So a created file is
+# asked for this much later; the close's request supersedes it. A file moved in from
+# elsewhere (no close follows) still lands, this much later. Whether it is empty is not
+# asked on the dispatcher thread: an lstat there, in a user's file system that hangs,
+# would stop every user's events (issue 14); event handling only looks names up.
 CREATED_EMPTY_DELAY = 1.0
 
 
@@ -336,16 +337,4 @@ class Watcher:
         uw = self._by_path.get(directory)
         if uw is None or not is_session_name(name):
             return
-        if created and _is_empty_file(path):
-            self._on_file(uw.user, name, None, CREATED_EMPTY_DELAY)
-        else:
-            self._on_file(uw.user, name, when, 0.0)
-
-
-def _is_empty_file(path: str) -> bool:
-    # lstat only: a symlink or FIFO is handed on at once, to be refused by the copy.
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+        self._on_file(uw.user, name, when, CREATED_EMPTY_DELAY if created else 0.0)
