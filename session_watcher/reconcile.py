@@ -81,12 +81,12 @@ class Progress:
     bytes_copied: int
 
 
-def store_for(config: Config, *, dry_run: bool = False) -> Store:
+def store_for(config: Config, *, dry_run: bool = False, limiter: LogLimiter | None = None) -> Store:
     """A Store with the group looked up; warns once when the group does not exist."""
     gid = lookup_gid(config.group)
     if gid is None:
         log.warning("group %s not found, using default group", escape(config.group))
-    return Store(config, gid, dry_run=dry_run)
+    return Store(config, gid, dry_run=dry_run, limiter=limiter)
 
 
 def reconcile(
@@ -120,7 +120,7 @@ def reconcile(
     started = time.monotonic()
     stats = PassStats()
     if store is None:
-        store = store_for(config, dry_run=dry_run)
+        store = store_for(config, dry_run=dry_run, limiter=limiter)
     home_fd = open_root_dir(config.home_root)
     # Copies (not checks) run on a few threads: a copy waits on the disk (copy_file_range,
     # two fsyncs) with the GIL released, so a cold pass keeps the disk busy; the no-op

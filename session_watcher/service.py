@@ -111,7 +111,8 @@ class Service:
         self._first_pass = threading.Event()
         self.limiter = LogLimiter()
         self.guard = StuckGuard(config.stuck_after, clock=clock)
-        self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
+        # Replaced by each full pass (which measures usage again).
+        self.store = Store(config, lookup_gid(config.group), limiter=self.limiter)
         self.walker = Walker(
             WalkerJobs(self.run_pass, self._rescan, self._retry_degraded),
             self._stop,
@@ -199,7 +200,9 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            self.store = store_for(self.config)
+            store = store_for(self.config, limiter=self.limiter)
+            store.carry_over(self.store)  # a quota episode goes on: no second WARNING
+            self.store = store
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
