@@ -31,6 +31,7 @@ from types import FrameType
 from . import __version__
 from .config import Config
 from .live import LiveCopier, Wiring
+from .logfmt import fields
 from .notify import Notifier, watchdog_interval
 from .passes import Walker, WalkerJobs
 from .ratelimit import LogLimiter
@@ -155,8 +156,19 @@ class Service:
         self.walker.request_rescan(full=True)
 
     def _on_shed(self, user: object) -> None:
-        log.warning("user %s has too many files waiting; serving them by a pass", escape(str(user)))
-        self.walker.request_pass({str(user)})
+        # Called for every key shed (see workqueue.py): the line is limited, the pass
+        # coalesced (one running, one waiting), so the last key shed is always seen.
+        name = str(user)
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            name,
+            "shed",
+            "user %s has too many files waiting; serving them by a pass",
+            escape(name),
+            extra=fields(name, reason="shed"),
+        )
+        self.walker.request_pass({name})
 
     def _on_overflow(self) -> None:
         self.reporter.overflow()
