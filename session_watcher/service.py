@@ -172,7 +172,14 @@ class Service:
 
     def _on_overflow(self) -> None:
         self.reporter.overflow()
-        log.warning("inotify queue overflowed: events were lost; starting a full pass")
+        # Not a user's line, but one user's close flood causes it several times a second.
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            "",
+            "overflow",
+            "inotify queue overflowed: events were lost; starting a full pass",
+        )
         self.walker.request_pass(None, overflow=True)
 
     def request_pass(self, users: set[str] | None) -> None:

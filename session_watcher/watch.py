@@ -76,25 +76,32 @@ class UserWatch:
 class OverflowDetector(logging.Handler):
     """watchdog 7.1 reports a kernel queue overflow only as a log record; catch it there.
 
-    Attached to watchdog's logger with that logger forced to WARNING, so it fires whatever
-    level the operator chose (the operator's own handler still filters what is printed)."""
+    A filter on watchdog's logger, with that logger forced to WARNING, so it fires whatever
+    level the operator chose. The record itself is dropped: `on_overflow` logs the
+    service's own line, limited per minute, because one user's close flood overflows the
+    queue several times a second and each of watchdog's lines would reach the journal."""
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
         super().__init__(logging.WARNING)
         self._on_overflow = on_overflow
 
     def emit(self, record: logging.LogRecord) -> None:
+        self._keep(record)
+
+    def _keep(self, record: logging.LogRecord) -> bool:
         if "overflow" in record.getMessage().lower():
             self._on_overflow()
+            return False
+        return True
 
     def install(self) -> None:
         logger = logging.getLogger(OVERFLOW_LOGGER)
         if logger.getEffectiveLevel() > logging.WARNING:
             logger.setLevel(logging.WARNING)
-        logger.addHandler(self)
+        logger.addFilter(self._keep)
 
     def uninstall(self) -> None:
-        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
+        logging.getLogger(OVERFLOW_LOGGER).removeFilter(self._keep)
 
 
 class _Emitter(InotifyEmitter):

@@ -710,3 +710,52 @@ def test_flood_of_tiny_files_waits_behind_its_own_user(
     assert len(lat) >= 20
     assert percentile(lat, 0.5) < 500 and max(lat) < 5000, sorted(lat)[-5:]
     assert max(rss) < 150, rss
+
+
+# --- a close flood ---------------------------------------------------------------------------
+
+CLOSER_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char p[4096];
+    time_t end = time(NULL) + 6;
+    for (unsigned long n = 0; (n & 4095) || time(NULL) < end; n++) {
+        snprintf(p, sizeof p, "%s/f%lu.jsonl", argv[1], n % 16);
+        int fd = open(p, O_WRONLY | O_CREAT, 0600);
+        if (fd >= 0)
+            close(fd);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.timeout(60)
+def test_close_flood_overflows_are_logged_once_a_minute(
+    tree: Tree, service: StartFn, victims: Callable[[User, int], Victim]
+) -> None:
+    """A C loop opening and closing 16 files for 6 s overflows the kernel queue again and
+    again: each overflow is repaired (the victim's appends all land) but logged once a
+    minute, not once each (watchdog's own line is not passed on)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs cc")
+    victim = tree.add_user("victim")
+    abuser = tree.add_user("abuser")
+    closer = tree.base / "closer"
+    (tree.base / "closer.c").write_text(CLOSER_C)
+    subprocess.run([cc, "-O2", "-o", str(closer), str(tree.base / "closer.c")], check=True)
+    w = service()
+    v = victims(victim, 60)
+    run_as(abuser.uid, abuser.gid, [str(closer), str(abuser.sessions)])
+    v.finish(tree)
+    totals = w.state().get("totals", {})
+    assert totals.get("overflows", 0) >= 1, totals  # the loop outruns the reader
+    warned = [d for d in w.docs() if d["level"] in ("WARNING", "ERROR")]
+    overflows = [d for d in warned if "overflow" in d["msg"].lower()]
+    assert len(overflows) <= 1, [d["msg"] for d in overflows]
+    assert len(warned) <= 3, [d["msg"][:80] for d in warned]
+    print(f"\nclose flood: {len(warned)} WARNING/ERROR lines; totals {totals}")
