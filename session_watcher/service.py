@@ -230,6 +230,7 @@ class Service:
             store=self.store,
             limiter=self.limiter,
             guard=self.guard.io,
+            beat=self.guard.beat,
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set():

@@ -94,6 +94,18 @@ class StuckGuard:
                 if self._on_unstuck is not None:
                     self._on_unstuck(user)
 
+    def beat(self) -> None:
+        """The current thread's call is making progress (a pass over a home of 100,000
+        files, each entry a quick system call): its clock starts again. A call counts as
+        stuck when no single step has come back within the bound, not when the whole
+        walk of a big home takes longer than that."""
+        me = threading.current_thread()
+        now = self._clock()
+        with self._lock:
+            for call in self._calls.values():
+                if call.thread is me and not call.reported:
+                    call.started = now
+
     def sweep(self) -> list[tuple[str, threading.Thread]]:
         """Calls that have just passed the bound: (user, the thread blocked in it). Each is
         reported once; the user is stuck from now until all their stuck calls return."""

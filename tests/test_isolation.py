@@ -759,3 +759,24 @@ def test_close_flood_overflows_are_logged_once_a_minute(
     assert len(overflows) <= 1, [d["msg"] for d in overflows]
     assert len(warned) <= 3, [d["msg"][:80] for d in warned]
     print(f"\nclose flood: {len(warned)} WARNING/ERROR lines; totals {totals}")
+
+
+@pytest.mark.timeout(90)
+def test_a_big_home_is_slow_not_stuck(tree: Tree, service: StartFn) -> None:
+    """A pass over a home of many files takes longer than --stuck-after, one quick system
+    call after another: that user is not reported stuck (nor the walker replaced, nor
+    their live copies put off), since no single call is slow."""
+    big = tree.add_user("big")
+    n = 3000
+    for i in range(n):
+        p = big.sessions / f"s{i:05d}.jsonl"
+        p.write_bytes(line(i))
+        os.chown(p, big.uid, big.gid)
+    t0 = time.monotonic()
+    w = service("--stuck-after", "1", ready=False)
+    w.wait_doc(lambda d: d["msg"].startswith("ready: watching"), timeout=60)
+    took = time.monotonic() - t0
+    assert sum(1 for _ in os.scandir(tree.target / "big")) == n
+    print(f"\nfirst pass over {n} files: {took:.1f} s")
+    assert [d for d in w.docs() if d.get("reason") == "stuck" or "stuck" in d["msg"]] == []
+    assert w.state().get("stuck") == []
