@@ -228,6 +228,7 @@ def run_one(
     work: Path,
     closer: Path,
     group: str,
+    keep: Path | None = None,
 ) -> Result:
     base = Path(tempfile.mkdtemp(prefix=f"noisy-{abuse}-{mode}-", dir=work))
     base.chmod(0o755)
@@ -286,6 +287,8 @@ def run_one(
                         svc.kill()
                         svc.wait()
     finally:
+        if keep is not None and (base / "service.log").exists():
+            shutil.copy(base / "service.log", keep / f"{abuse}-{mode}.log")
         if mounted:
             subprocess.run(["umount", "-l", str(target)], check=False)
         shutil.rmtree(base, ignore_errors=True)
@@ -396,6 +399,7 @@ def main() -> int:
     ap.add_argument("--work", default="/var/tmp", help="where the temp trees go")
     ap.add_argument("--only", nargs="*", choices=sorted(ABUSES), help="abuses to run")
     ap.add_argument("--group", default="users", help="the store's group (must exist)")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy each run's service log here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("python -m bench.noisy: run as root (other uids, tmpfs)", file=sys.stderr)
@@ -414,7 +418,15 @@ def main() -> int:
             for mode in ("abuse", "control") if abuse != "none" else ("abuse",):
                 log(f"{abuse} / {mode}")
                 r = run_one(
-                    abuse, mode, args.seconds, args.scale, args.store, work, closer, args.group
+                    abuse,
+                    mode,
+                    args.seconds,
+                    args.scale,
+                    args.store,
+                    work,
+                    closer,
+                    args.group,
+                    Path(args.keep_logs) if args.keep_logs else None,
                 )
                 print(r.row(), flush=True)
     finally:
