@@ -81,12 +81,12 @@ class Progress:
     bytes_copied: int
 
 
-def store_for(config: Config, *, dry_run: bool = False) -> Store:
+def store_for(config: Config, *, dry_run: bool = False, limiter: LogLimiter | None = None) -> Store:
     """A Store with the group looked up; warns once when the group does not exist."""
     gid = lookup_gid(config.group)
     if gid is None:
         log.warning("group %s not found, using default group", escape(config.group))
-    return Store(config, gid, dry_run=dry_run)
+    return Store(config, gid, dry_run=dry_run, limiter=limiter)
 
 
 def reconcile(
@@ -101,6 +101,7 @@ def reconcile(
     progress: Callable[[Progress], None] | None = None,
     limiter: LogLimiter | None = None,
     guard: Callable[[str], AbstractContextManager[None]] | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
@@ -120,7 +121,7 @@ def reconcile(
     started = time.monotonic()
     stats = PassStats()
     if store is None:
-        store = store_for(config, dry_run=dry_run)
+        store = store_for(config, dry_run=dry_run, limiter=limiter)
     home_fd = open_root_dir(config.home_root)
     # Copies (not checks) run on a few threads: a copy waits on the disk (copy_file_range,
     # two fsyncs) with the GIL released, so a cold pass keeps the disk busy; the no-op
@@ -168,6 +169,7 @@ def reconcile(
                             stop,
                             pool,
                             limiter,
+                            beat,
                         ):
                             stats.users_processed += 1
                 except UserStuck:
@@ -232,13 +234,25 @@ def _pass_home(
     stop: threading.Event | None,
     pool: ThreadPoolExecutor | None,
     limiter: LogLimiter,
+    beat: Callable[[], None] | None = None,
 ) -> bool:
     source = walk_user(home_fd, home, config, limiter)
     if source is None:
         return False
     try:
         return _pass_user(
-            config, store, store_fd, source, dry_run, now, stats, on_result, stop, pool, limiter
+            config,
+            store,
+            store_fd,
+            source,
+            dry_run,
+            now,
+            stats,
+            on_result,
+            stop,
+            pool,
+            limiter,
+            beat,
         )
     finally:
         os.close(source.fd)
@@ -282,6 +296,7 @@ def _pass_user(
     stop: threading.Event | None = None,
     pool: ThreadPoolExecutor | None = None,
     limiter: LogLimiter | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> bool:
     """One user's files; True when the user had at least one qualifying file. `stop` is
     checked before each file, so a service asked to stop is not held by a big home.
@@ -324,6 +339,8 @@ def _pass_user(
             for entry in it:
                 if stop is not None and stop.is_set():
                     break
+                if beat is not None:
+                    beat()  # a big directory is slow, not stuck: see StuckGuard.beat
                 if not is_session_name(entry.name):
                     continue
                 seen = True
@@ -351,6 +368,8 @@ def _pass_user(
                         # Bounded: a directory of 200,000 files to copy holds a few
                         # futures at a time, not one per file.
                         done, rest = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                        if beat is not None:
+                            beat()
                         for future in done:
                             future.result()
                         pending = list(rest)

@@ -32,6 +32,7 @@ from . import __version__
 from .config import Config
 from .copy import Result, SourceDir
 from .live import LiveCopier, Wiring
+from .logfmt import fields
 from .notify import Notifier, watchdog_interval
 from .passes import Walker, WalkerJobs
 from .ratelimit import LogLimiter
@@ -112,7 +113,8 @@ class Service:
         self._first_pass = threading.Event()
         self.limiter = LogLimiter()
         self.guard = StuckGuard(config.stuck_after, clock=clock)
-        self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
+        # Replaced by each full pass (which measures usage again).
+        self.store = Store(config, lookup_gid(config.group), limiter=self.limiter)
         self.walker = Walker(
             WalkerJobs(self.run_pass, self._rescan, self._retry_degraded),
             self._stop,
@@ -154,8 +156,19 @@ class Service:
         self.walker.request_rescan(full=True)
 
     def _on_shed(self, user: object) -> None:
-        log.warning("user %s has too many files waiting; serving them by a pass", escape(str(user)))
-        self.walker.request_pass({str(user)})
+        # Called for every key shed (see workqueue.py): the line is limited, the pass
+        # coalesced (one running, one waiting), so the last key shed is always seen.
+        name = str(user)
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            name,
+            "shed",
+            "user %s has too many files waiting; serving them by a pass",
+            escape(name),
+            extra=fields(name, reason="shed"),
+        )
+        self.walker.request_pass({name})
 
     def _on_overflow(self, users: set[str] | None) -> None:
         """A kernel queue overflowed: the events of `users` (None: the home root's queue,
@@ -163,10 +176,21 @@ class Service:
         lost IN_DELETE_SELF would leave a watch on a directory that is gone)."""
         self.reporter.overflow()
         if users is None:
-            log.warning("inotify queue overflowed: events were lost; starting a full pass")
+            # Not a user's line, but one user's flood may cause it several times a second.
+            self.limiter.log(
+                log,
+                logging.WARNING,
+                "",
+                "overflow",
+                "inotify queue overflowed: events were lost; starting a full pass",
+            )
             self.walker.request_pass(None, overflow=True)
             return
-        log.warning(
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            "",
+            "overflow",
             "inotify queue overflowed: events of %d users were lost; starting a pass over them",
             len(users),
         )
@@ -211,7 +235,9 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            self.store = store_for(self.config).inherit(self.store)
+            store = store_for(self.config, limiter=self.limiter)
+            store.carry_over(self.store)  # a quota episode goes on: no second WARNING
+            self.store = store
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
@@ -220,6 +246,7 @@ class Service:
             store=self.store,
             limiter=self.limiter,
             guard=self.guard.io,
+            beat=self.guard.beat,
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set() and not self._stop.is_set():
@@ -282,13 +309,16 @@ class Service:
             clean = self.queue.stop(STOP_SECONDS)
             clean = self.walker.join(max(0.0, deadline - time.monotonic())) and clean
             signal.set_wakeup_fd(-1)
-            if not clean:
-                blocked = self.guard.blocked_threads()
-                self.stuck_exit = bool(blocked)
+            # Not only when the joins above timed out: a walker or worker replaced while
+            # stuck is no longer joined, and a pass's pool thread blocked in the kernel
+            # would hold the interpreter's exit (it joins that pool) for ever.
+            blocked = self.guard.blocked_threads()
+            self.stuck_exit = bool(blocked) or self.guard.in_flight() > 0
+            if not clean or self.stuck_exit:
                 log.warning(
                     "copies still running after %.0f s (%d threads blocked in a stuck file "
                     "system); exiting anyway",
-                    STOP_SECONDS,
+                    STOP_SECONDS if not clean else 0,
                     len(blocked),
                 )
             self.reporter.publish(force=True)  # running: false, ready: 0

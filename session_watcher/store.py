@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .logfmt import fields
+from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 
 __all__ = [
@@ -109,8 +110,16 @@ class Store:
     is created, so directories that do not exist yet simply read as empty.
     """
 
-    def __init__(self, config: Config, gid: int | None, *, dry_run: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        gid: int | None,
+        *,
+        dry_run: bool = False,
+        limiter: LogLimiter | None = None,
+    ) -> None:
         self.config = config
+        self._limiter = limiter
         self.gid = gid
         self.dry_run = dry_run
         self._mkdir_lock = threading.Lock()
@@ -144,7 +153,15 @@ class Store:
                 return None
             if user not in self._over:  # one WARNING per episode, not one per copy
                 self._over.add(user)
-                log.warning(
+                # And episodes limited per user: one copy that fits (a shrunk file grown
+                # by a byte) ends an episode, and a user can alternate that with one that
+                # does not as fast as they like.
+                say = self._limiter if self._limiter is not None else LogLimiter(0.0)
+                say.log(
+                    log,
+                    logging.WARNING,
+                    user,
+                    "quota",
                     "user %s: %s; their new copies are refused",
                     escape(user),
                     why[1],
@@ -152,15 +169,12 @@ class Store:
                 )
             return why
 
-    def inherit(self, old: Store) -> Store:
-        """Carry over who is over their limit from the Store this one replaces (each full
-        pass makes a new Store, which measures usage afresh), so that `status` keeps
-        showing them and the episode's WARNING is not repeated."""
-        with old._usage_lock:
-            over = set(old._over)
+    def carry_over(self, previous: Store) -> None:
+        """Take on who is over their limits from the store this one replaces (the service
+        makes a new Store with every full pass): an episode goes on across passes, and
+        gets no second WARNING; a user's next copy that fits ends it."""
         with self._usage_lock:
-            self._over |= over
-        return self
+            self._over |= set(previous.over_quota())
 
     def over_quota(self) -> list[str]:
         with self._usage_lock:

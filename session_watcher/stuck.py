@@ -117,6 +117,18 @@ class StuckGuard:
             if retired:
                 raise Retired
 
+    def beat(self) -> None:
+        """The current thread's call is making progress (a pass over a home of 100,000
+        files, each entry a quick system call): its clock starts again. A call counts as
+        stuck when no single step has come back within the bound, not when the whole
+        walk of a big home takes longer than that."""
+        me = threading.current_thread()
+        now = self._clock()
+        with self._lock:
+            for call in self._calls.values():
+                if call.thread is me and not call.reported:
+                    call.started = now
+
     def sweep(self) -> list[tuple[str, threading.Thread]]:
         """Calls that have just passed the bound: (user, the thread blocked in it). Each is
         reported once; the user is stuck from now until all their stuck calls return."""
@@ -146,6 +158,11 @@ class StuckGuard:
     def stuck(self) -> list[str]:
         with self._lock:
             return sorted(self._stuck)
+
+    def in_flight(self) -> int:
+        """Calls running now, stuck or not: at stop, a thread still in one may never end."""
+        with self._lock:
+            return len(self._calls)
 
     def blocked_threads(self) -> list[threading.Thread]:
         """The threads still blocked in a call that was reported stuck."""

@@ -165,6 +165,7 @@ class Watcher:
     def start(self) -> None:
         """Start the readers and watch the home root. Never raises: a reader that cannot
         start is tried again by the next `add` on it (its users are scanned until then)."""
+        logging.getLogger(WATCHDOG_LOGGER).addFilter(_DROP_OVERFLOW_LINE)
         for reader in [self._root_reader, *self._readers]:
             try:
                 reader.open()
@@ -178,6 +179,7 @@ class Watcher:
         self.watch_root((st.st_dev, st.st_ino))
 
     def stop(self, timeout: float = 5.0) -> None:
+        logging.getLogger(WATCHDOG_LOGGER).removeFilter(_DROP_OVERFLOW_LINE)
         self._stopping = True  # close() reports every watch deleted: nothing to rescan
         deadline = time.monotonic() + timeout
         for reader in [self._root_reader, *self._readers]:
@@ -429,6 +431,19 @@ class Watcher:
         with self._lock:
             users = {uw.user for uw in reader.watches.values()}
         self._on_overflow(users)
+
+
+class _DropOverflowLine(logging.Filter):
+    """watchdog logs each queue overflow as a WARNING of its own, before it calls
+    `on_queue_overflow`; the service logs its own line, limited to one a minute (a user's
+    close flood overflows a queue several times a second). So watchdog's is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "overflow" not in record.getMessage().lower()
+
+
+WATCHDOG_LOGGER = "watchdog.observers.inotify_c"
+_DROP_OVERFLOW_LINE = _DropOverflowLine()
 
 
 def _checked(fd: InotifyFD, wd: WatchDescriptor, cid: CallbackId) -> WatchDescriptor:
