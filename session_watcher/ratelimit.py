@@ -14,7 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LOG_WINDOW_SECONDS", "ByteBudget", "LogLimiter", "TokenBucket"]
+__all__ = [
+    "COPIES_BURST",
+    "COPIES_PER_SECOND",
+    "LOG_WINDOW_SECONDS",
+    "ByteBudget",
+    "LogLimiter",
+    "TokenBucket",
+]
 
 # A user may cause one WARNING/ERROR line per kind, then one summary with a count at most
 # this often, however fast they repeat the cause (a FIFO opened in a loop, a symlink swap
@@ -120,14 +127,24 @@ class TokenBucket:
         return (need - self.tokens) / self.rate
 
 
-class ByteBudget:
-    """What one user's files may make the service write: `rate` bytes/s with a `burst`.
+# Copies one user's files may cause a second, with a burst: about ten times what Claude
+# Code's busiest session does (a flush every 100 ms, a few subagents beside it). Each copy
+# costs two fsyncs on the store's disk, which every other user shares: a user renaming
+# 50,000 names in and out must not turn the disk into a queue in front of the others.
+COPIES_PER_SECOND = 100.0
+COPIES_BURST = 1000.0
 
-    A copy of at most `small` bytes always goes at once (a live transcript's copy is a few
-    KB to a few MB: never held back by this), and is charged. A larger copy waits until the
-    bucket holds min(its size, burst), then is charged in full: the bucket may go into
-    debt, so a 1 GB file `touch`ed in a loop is copied about once per 1 GB / rate, while
-    the user's small transcripts keep landing. Per user, so nobody pays for another.
+
+class ByteBudget:
+    """What one user's files may make the service write: `rate` bytes/s with a `burst`, and
+    `copies` copies/s with a burst of `copies_burst`.
+
+    Bytes: a copy of at most `small` bytes always goes at once (a live transcript's copy is
+    a few KB to a few MB: never held back by bytes), and is charged. A larger copy waits
+    until the bucket holds min(its size, burst), then is charged in full: the bucket may go
+    into debt, so a 1 GB file `touch`ed in a loop is copied about once per 1 GB / rate,
+    while the user's small transcripts keep landing. Copies: every copy takes one token,
+    which a real session never runs out of. Per user, so nobody pays for another.
     """
 
     def __init__(
@@ -136,16 +153,20 @@ class ByteBudget:
         burst: float,
         *,
         small: int = 1 << 20,
+        copies: float = COPIES_PER_SECOND,
+        copies_burst: float = COPIES_BURST,
         clock: Callable[[], float] = time.monotonic,
         size: int = _LIMITER_MAX,
     ) -> None:
         self.rate = rate
         self.burst = burst
         self.small = small
+        self.copies = copies
+        self.copies_burst = copies_burst
         self._clock = clock
         self._size = size
         self._lock = threading.Lock()
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
 
     def admit(self, user: str, nbytes: int) -> float:
         """0.0: write `nbytes` now (charged). Otherwise the seconds to wait (not charged)."""
@@ -153,14 +174,21 @@ class ByteBudget:
             return 0.0
         now = self._clock()
         with self._lock:
-            b = self._buckets.get(user)
-            if b is None:
-                b = self._buckets[user] = TokenBucket(self.rate, self.burst, now)
+            pair = self._buckets.get(user)
+            if pair is None:
+                pair = self._buckets[user] = (
+                    TokenBucket(self.rate, self.burst, now),
+                    TokenBucket(self.copies, self.copies_burst, now),
+                )
                 if len(self._buckets) > self._size:
                     # A full bucket forgotten costs nothing; a user in debt forgotten gets
                     # a fresh burst. Bounded by users with copies in the last few minutes.
                     self._buckets.popitem(last=False)
             self._buckets.move_to_end(user)
+            b, c = pair
+            wait = c.wait_for(1.0, now)
+            if wait > 0:
+                return wait
             if nbytes > self.small:
                 wait = b.wait_for(min(float(nbytes), self.burst), now)
                 if wait > 0:
@@ -168,4 +196,5 @@ class ByteBudget:
             else:
                 b.refill(now)
             b.tokens -= nbytes
+            c.tokens -= 1.0
             return 0.0

@@ -306,8 +306,10 @@ class Service:
             self.watcher.stop()
             # One budget for both: the workers' copies and the walker's current file.
             deadline = time.monotonic() + STOP_SECONDS
-            clean = self.queue.stop(STOP_SECONDS)
-            clean = self.walker.join(max(0.0, deadline - time.monotonic())) and clean
+            blocked = self.guard.blocked_threads()  # in a stuck file system: not waited for
+            clean = self.queue.stop(STOP_SECONDS, abandon=blocked)
+            if self.walker.thread not in blocked:
+                clean = self.walker.join(max(0.0, deadline - time.monotonic())) and clean
             signal.set_wakeup_fd(-1)
             # Not only when the joins above timed out: a walker or worker replaced while
             # stuck is no longer joined, and a pass's pool thread blocked in the kernel

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 
 __all__ = ["WorkQueue"]
@@ -34,7 +34,11 @@ __all__ = ["WorkQueue"]
 log = logging.getLogger(__name__)
 
 MAX_DELAY = 3600.0  # no key waits longer than this, whatever it asks for
-MAX_EXTRA_WORKERS = 16  # replacements for workers stuck in a user's blocking file system
+# Replacements for workers stuck in a user's blocking file system: one per stuck user (a
+# stuck user's further work is skipped, not sent into the same hole), so this bounds how
+# many users with hung mounts the service keeps serving everyone else around. A thread
+# blocked in the kernel costs a few KB of memory.
+MAX_EXTRA_WORKERS = 128
 
 
 @dataclass
@@ -218,8 +222,10 @@ class WorkQueue:
         with self._cond:
             return len(self._entries)
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Drop pending work, let running jobs finish; True if all workers ended in time."""
+    def stop(self, timeout: float = 10.0, *, abandon: Collection[threading.Thread] = ()) -> bool:
+        """Drop pending work, let running jobs finish; True if all workers ended in time.
+        Threads in `abandon` (known to be blocked in a stuck file system) are not waited
+        for: they would only eat the stop budget."""
         with self._cond:
             self._stopping = True
             self._timer.clear()
@@ -227,7 +233,7 @@ class WorkQueue:
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
         for t in list(self._threads):
-            if t.is_alive():
+            if t.is_alive() and t not in abandon:
                 t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 

@@ -71,6 +71,17 @@ def test_byte_budget_never_holds_back_small_copies_and_paces_big_ones() -> None:
     assert b.admit("mallory", 1_000_000_000) == 0.0
 
 
+def test_copies_a_second_are_bounded_per_user_but_a_real_session_never_waits() -> None:
+    clock = Clock()
+    b = ByteBudget(rate=32e6, burst=512e6, copies=100, copies_burst=1000, clock=clock)
+    for _ in range(600):  # a minute of a session flushing every 100 ms
+        assert b.admit("alice", 300) == 0.0
+        clock.t += 0.1
+    assert all(b.admit("mallory", 10) == 0.0 for _ in range(1000))  # the burst
+    assert b.admit("mallory", 10) == pytest.approx(0.01)  # then 100 a second
+    assert b.admit("alice", 300) == 0.0  # nobody else waits
+
+
 def test_byte_budget_zero_is_unlimited() -> None:
     b = ByteBudget(rate=0, burst=0)
     assert b.admit("x", 10**12) == 0.0
