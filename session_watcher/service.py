@@ -118,16 +118,28 @@ class Service:
             interval=config.reconcile_interval,
             clock=clock,
         )
+        nested = config.depth > 1
         self.live = LiveCopier(
             config,
-            Wiring(store=lambda: self.store, count=self._count),
+            Wiring(
+                store=lambda: self.store,
+                count=self._count,
+                watch_dir=(lambda s, st: self.watcher.add_nested(s, st)) if nested else None,
+                no_dir=(lambda u, r: self.watcher.note_absent(u, r)) if nested else None,
+            ),
             self.guard,
             self.limiter,
             clock=clock,
             on_shed=self._on_shed,
         )
         self.queue = self.live.queue
-        self.watcher = Watcher(config, self.live.submit, self._on_change, self._on_overflow)
+        self.watcher = Watcher(
+            config,
+            self.live.submit,
+            self._on_change,
+            self._on_overflow,
+            on_dir=self.live.submit_dir if nested else None,
+        )
         self.watchset = WatchSet(
             config, self.watcher, self.guard.io, self.limiter, self.walker.request_pass
         )
@@ -219,13 +231,16 @@ class Service:
             store=self.store,
             limiter=self.limiter,
             guard=self.guard.io,
+            watches=self.watcher if self.config.depth > 1 else None,
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set() and not self._stop.is_set():
             self.watchset.started = True
             log.info(
-                "ready: watching %d users (%d files copied at start)",
+                "ready: watching %d users and %d directories below theirs "
+                "(%d files copied at start)",
                 self.watcher.count(),
+                self.watcher.nested_count(),
                 stats.files_copied,
             )
             self._first_pass.set()

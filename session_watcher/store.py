@@ -85,9 +85,17 @@ def over_quota(usage: Usage, grow: int, new_file: bool, config: Config) -> tuple
     return None
 
 
-def measure_usage(dir_fd: int) -> Usage:
-    """One scan of a user's store directory (lstat of each entry, nothing opened)."""
+def measure_usage(dir_fd: int, depth: int = 1) -> Usage:
+    """One scan of a user's store directory (lstat of each entry, nothing opened but the
+    directories below it, down to `depth` levels, each relative to its parent and never
+    through a symlink): a nested layout's files count like flat ones."""
     usage = Usage()
+    _measure(dir_fd, depth, usage)
+    return usage
+
+
+def _measure(dir_fd: int, depth: int, usage: Usage) -> None:
+    subdirs: list[str] = []
     with os.scandir(dir_fd) as it:
         for entry in it:
             if is_temp_name(entry.name):
@@ -99,7 +107,17 @@ def measure_usage(dir_fd: int) -> Usage:
             if stat.S_ISREG(st.st_mode):
                 usage.nbytes += st.st_size
                 usage.files += 1
-    return usage
+            elif depth > 1 and stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+    for name in subdirs:
+        try:
+            fd, _ = open_dir_at(dir_fd, name)
+        except (Refused, OSError):
+            continue  # gone, or a symlink: never followed
+        try:
+            _measure(fd, depth - 1, usage)
+        finally:
+            os.close(fd)
 
 
 class Store:
@@ -130,7 +148,7 @@ class Store:
         with self._usage_lock:
             usage = self._usage.get(user)
         if usage is None:  # measured outside the lock: one user's big directory holds nobody
-            measured = Usage() if dir_fd is None else measure_usage(dir_fd)
+            measured = Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
             with self._usage_lock:
                 usage = self._usage.setdefault(user, measured)
         with self._usage_lock:
@@ -237,25 +255,32 @@ class Store:
         """Descriptor of `<store>/<user>`; None when it does not exist and may not be made.
 
         A symlink planted in its place raises Refused: it is never followed or replaced."""
+        return self.open_dir(root_fd, user, user, create=create)
+
+    def open_dir(self, parent_fd: int, name: str, label: str, *, create: bool) -> int | None:
+        """Descriptor of the store directory `name` in `parent_fd` (`label`: its path for
+        the log), made with the store's mode and group when missing and `create`; None
+        when it does not exist and may not be made. A symlink or a file in its place
+        raises Refused: it is never followed or replaced."""
         try:
-            fd, st = open_dir_at(root_fd, user)
+            fd, st = open_dir_at(parent_fd, name)
         except FileNotFoundError:
             if self.dry_run or not create:
                 return None
             created = False
             with self._mkdir_lock:
                 try:
-                    os.mkdir(user, 0o700, dir_fd=root_fd)
+                    os.mkdir(name, 0o700, dir_fd=parent_fd)
                     created = True
-                    log.info("created store directory %s", escape(user))
+                    log.info("created store directory %s", escape(label))
                 except FileExistsError:
                     pass
-                fd, st = open_dir_at(root_fd, user)
+                fd, st = open_dir_at(parent_fd, name)
         else:
             created = False
         if not self.dry_run:
             try:
-                self._adopt(fd, st, escape(user), created=created)
+                self._adopt(fd, st, escape(label), created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -305,7 +330,13 @@ def _temp_in_use(dir_fd: int, name: str) -> bool:
 
 class UserStore:
     """One user's store directory, opened lazily: a no-op pass over a user whose store
-    directory already exists opens it once; a dry run never creates it."""
+    directory already exists opens it once; a dry run never creates it.
+
+    Keys are paths relative to it: `name.jsonl` (the flat layout) or, with `--depth` over
+    1, `proj/sess/subagents/agent-x.jsonl`. The directories of a key are opened (and made,
+    for a copy) one component at a time relative to the one above, never through a
+    symlink (`parent`); the descriptor of a key's own directory is kept until `forget` or
+    `close`."""
 
     def __init__(self, store: Store, root_fd: int | None, user: str) -> None:
         self.store = store
@@ -314,6 +345,8 @@ class UserStore:
         self._fd: int | None = None
         self._looked = False
         self._lock = threading.Lock()  # a pass's copy threads share one UserStore
+        # rel dir -> its descriptor, for the directories below the user directory.
+        self._dirs: dict[str, int] = {}
 
     def fd(self, *, create: bool) -> int | None:
         fd = self._fd
@@ -330,12 +363,55 @@ class UserStore:
                     raise OSError(errno.ELOOP, f"store directory is {e.reason}") from None
             return self._fd
 
+    def parent(self, key: str, *, create: bool) -> tuple[int | None, str]:
+        """(descriptor of the directory that holds `key`, the key's last component). The
+        descriptor is None when a directory on the way does not exist (and `create` is
+        false, or this is a dry run). A symlink (or a file) where a directory should be
+        raises OSError ELOOP: never followed, never replaced."""
+        rel, _, leaf = key.rpartition("/")
+        fd = self.fd(create=create)
+        if not rel or fd is None:
+            return fd, leaf
+        with self._lock:
+            cached = self._dirs.get(rel)
+            if cached is not None:
+                return cached, leaf
+            done = ""
+            at = fd
+            for part in rel.split("/"):
+                done = f"{done}/{part}" if done else part
+                try:
+                    nxt = self.store.open_dir(at, part, f"{self.user}/{done}", create=create)
+                except Refused as e:
+                    raise OSError(
+                        errno.ELOOP, f"store directory {escape(done)} is {e.reason}"
+                    ) from None
+                finally:
+                    if at != fd:
+                        close_quietly(at)
+                if nxt is None:
+                    return None, leaf  # not remembered: a copy may make it any time
+                at = nxt
+            self._dirs[rel] = at  # only the last: `forget` closes what a pass is done with
+            return at, leaf
+
+    def cached(self, rel: str) -> int | None:
+        """The descriptor kept for the store directory `rel`, if one was opened."""
+        with self._lock:
+            return self._dirs.get(rel)
+
+    def forget(self, rel: str) -> None:
+        """Close the descriptor kept for the store directory `rel` (a pass is done with
+        that directory: a user's store is never held open whole)."""
+        with self._lock:
+            close_quietly(self._dirs.pop(rel, None))
+
     def lstat(self, name: str) -> os.stat_result | None:
-        fd = self.fd(create=False)
+        fd, leaf = self.parent(name, create=False)
         if fd is None:
             return None
         try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return os.stat(leaf, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
@@ -348,6 +424,10 @@ class UserStore:
         self.store.release(self.user, grow, new_file)
 
     def close(self) -> None:
+        with self._lock:
+            for dir_fd in self._dirs.values():
+                close_quietly(dir_fd)
+            self._dirs.clear()
         close_quietly(self._fd)
         self._fd = None
         self._looked = False

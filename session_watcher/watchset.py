@@ -46,7 +46,13 @@ class WatchSet:
         self.started = False  # before the first pass, new homes need no pass of their own
 
     def degraded(self) -> list[str]:
-        return sorted(self.watcher.sessions_path(u) for u in list(self._degraded))
+        users = set(self._degraded) | self.watcher.nested_failed()
+        return sorted(self.watcher.sessions_path(u) for u in users)
+
+    def _still_degraded(self) -> set[str]:
+        """Users served by a scan: their sessions directory, or one below it (--depth over
+        1), could not be watched. One episode covers both (one WARNING, one INFO)."""
+        return self._degraded | self.watcher.nested_failed()
 
     def rescan(self, *, full: bool, users: set[str] | None = None) -> None:
         """Bring the set of watches in line with the homes on disk.
@@ -98,7 +104,7 @@ class WatchSet:
             else:
                 self._degraded.add(user)
             new_users.add(user)
-        self.watcher.settle(self._degraded)
+        self.watcher.settle(self._still_degraded())
         if new_users and self.started:
             self._request_pass(new_users)  # copy what is already there
 
@@ -186,8 +192,13 @@ class WatchSet:
             return None
 
     def retry_degraded(self) -> None:
-        """Try to watch the degraded directories again; scan the ones that still fail."""
+        """Try to watch the degraded directories again; scan the ones that still fail.
+        Users with a directory below their sessions directory not watched get a pass,
+        which tries to watch it again as it walks (and copies what the watch missed)."""
+        nested = self.watcher.nested_failed()
         if not self._degraded:
+            if nested:
+                self._request_pass(nested)
             return
         users = set(self._degraded)
         home_fd = open_root_dir(self.config.home_root)
@@ -210,6 +221,6 @@ class WatchSet:
                     self._degraded.discard(user)
         finally:
             os.close(home_fd)
-        self.watcher.settle(self._degraded)
+        self.watcher.settle(self._still_degraded())
         # Those now watched get one pass to catch up, those still degraded their scan.
-        self._request_pass(users)
+        self._request_pass(users | nested)
