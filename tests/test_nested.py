@@ -27,6 +27,7 @@ from session_watcher.homes import Walk, open_source_path
 from session_watcher.ratelimit import LogLimiter
 from session_watcher.reconcile import reconcile
 from session_watcher.safefs import Refused
+from session_watcher.status import scan
 from session_watcher.watch import Watcher
 
 __all__ = ["start"]  # the fixture, imported for its use here
@@ -460,3 +461,15 @@ def test_threads_do_not_grow_with_nested_directories(tree: Tree, start: StartFn)
     u = tree.users["u19"]
     put(u, "p099/live.jsonl", line(1))
     wait_file(stored(tree, u, "p099/live.jsonl"), line(1))
+
+
+@root_only
+def test_status_compares_every_level(tree: Tree) -> None:
+    alice = claude_user(tree, "alice")
+    put(alice, "p/s1.jsonl", line(1), mtime=OLD)
+    put(alice, "p/s1/subagents/agent-a.jsonl", line(2), mtime=OLD)
+    reconcile(config(tree))
+    assert scan(config(tree), grace=0).unsynced == []
+    put(alice, "p/s1/subagents/agent-b.jsonl", line(3), mtime=OLD)
+    got = [(u.user, u.file, u.state) for u in scan(config(tree), grace=0).unsynced]
+    assert got == [("alice", "p/s1/subagents/agent-b.jsonl", "missing")]
