@@ -545,6 +545,13 @@ class Watcher:
             del self._idents[uw.user]
             if stale:
                 self._stale.append(uw)
+            # The watches below it go with it (moved away, they would follow the old
+            # tree): the rescan that follows watches the sessions directory there now,
+            # and the pass it asks for watches what is below it.
+            for nw in self._nested.pop(uw.user, {}).values():
+                if nw.reader.watches.get(nw.wd) is nw:
+                    del nw.reader.watches[nw.wd]
+                self._stale.append(nw)
         return True
 
     # --- events (reader threads) ----------------------------------------------------------
