@@ -246,6 +246,11 @@ class LiveCopier:
                 if visit.kind == "enter" and watch is not None and visit.st is not None:
                     watch(visit.source, visit.st)
                 elif visit.kind == "file" and visit.entry is not None and visit.st is not None:
+                    if visit.st.st_size == 0:
+                        # Just created, its writer not done: the watch is in place, so its
+                        # close is an event. Copied now, it would land empty and hold the
+                        # close's copy back by the queue's spacing.
+                        continue
                     self.queue.submit((user, visit.source.key(visit.entry.name)))
         except OSError as e:
             self.limiter.log(
