@@ -473,3 +473,40 @@ def test_status_compares_every_level(tree: Tree) -> None:
     put(alice, "p/s1/subagents/agent-b.jsonl", line(3), mtime=OLD)
     got = [(u.user, u.file, u.state) for u in scan(config(tree), grace=0).unsynced]
     assert got == [("alice", "p/s1/subagents/agent-b.jsonl", "missing")]
+
+
+@root_only
+def test_walk_watches_projects_always_and_sessions_while_active(tree: Tree) -> None:
+    alice = claude_user(tree, "alice")
+    put(alice, "p/old.jsonl", line(1))
+    put(alice, "p/old/subagents/agent.jsonl", line(1))
+    age(alice, "p/old")
+    os.utime(alice.sessions / "p/old.jsonl", (OLD, OLD))
+    put(alice, "p/resumed.jsonl", line(1))  # its transcript is recent: the session is active
+    put(alice, "p/resumed/subagents/agent.jsonl", line(1))
+    age(alice, "p/resumed")
+    put(alice, "p/fresh/subagents/agent.jsonl", line(1))  # a new subagent: its dir is recent
+    age(alice, "p")
+    os.utime(alice.sessions / "p/resumed.jsonl")
+    os.utime(alice.sessions / "p/fresh/subagents")
+    fd = os.open(alice.sessions, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        top = SourceDir("alice", alice.uid, fd)
+        watch = {v.source.rel: v.watch for v in Walk(config(tree)).visits(top) if v.kind == "enter"}
+        hot = {
+            v.source.rel: v.watch
+            for v in Walk(config(tree), hot=True).visits(top)
+            if v.kind == "enter"
+        }
+    finally:
+        os.close(fd)
+    assert watch == {
+        "p": True,
+        "p/old": False,
+        "p/old/subagents": False,
+        "p/resumed": True,
+        "p/resumed/subagents": True,
+        "p/fresh": False,
+        "p/fresh/subagents": True,
+    }
+    assert all(hot.values())
