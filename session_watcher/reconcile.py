@@ -274,11 +274,12 @@ def _pass_home(
 
 
 def _leave_store_dir(store: Store, user_store: UserStore, source: SourceDir, now: float) -> None:
+    """The pass is done with the files of `source`: temp files a crash left in its store
+    directory go, and the store directories it is done with are closed."""
     dir_fd = user_store.cached(source.rel)
-    if dir_fd is None:
-        return
     try:
-        store.remove_stale_temps(dir_fd, f"{source.user}/{source.rel}", now)
+        if dir_fd is not None:
+            store.remove_stale_temps(dir_fd, f"{source.user}/{source.rel}", now)
     except OSError as e:
         log.error("store directory of %s: %s", escape(f"{source.user}/{source.rel}"), e)
     finally:

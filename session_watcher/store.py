@@ -214,12 +214,12 @@ class Store:
                     log.warning(
                         "store directory %s: asked for mode %04o, got %04o "
                         "(setting the setgid bit needs CAP_FSETID)",
-                        what,
+                        escape(what),
                         self.config.dir_mode,
                         got,
                     )
             elif not created:
-                log.info("store directory %s: set mode %04o, gid %d", what, got, want_gid)
+                log.info("store directory %s: set mode %04o, gid %d", escape(what), got, want_gid)
 
     def open_root(self, *, create: bool) -> int | None:
         """Descriptor of the store root, created (with its parents) when missing and allowed."""
@@ -245,7 +245,7 @@ class Store:
             raise
         if not self.dry_run:
             try:
-                self._adopt(fd, os.fstat(fd), escape(str(target)), created=created)
+                self._adopt(fd, os.fstat(fd), str(target), created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -280,7 +280,7 @@ class Store:
             created = False
         if not self.dry_run:
             try:
-                self._adopt(fd, st, escape(label), created=created)
+                self._adopt(fd, st, label, created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -335,8 +335,7 @@ class UserStore:
     Keys are paths relative to it: `name.jsonl` (the flat layout) or, with `--depth` over
     1, `proj/sess/subagents/agent-x.jsonl`. The directories of a key are opened (and made,
     for a copy) one component at a time relative to the one above, never through a
-    symlink (`parent`); the descriptor of a key's own directory is kept until `forget` or
-    `close`."""
+    symlink (`parent`); their descriptors are kept until `forget` or `close`."""
 
     def __init__(self, store: Store, root_fd: int | None, user: str) -> None:
         self.store = store
@@ -376,23 +375,24 @@ class UserStore:
             cached = self._dirs.get(rel)
             if cached is not None:
                 return cached, leaf
-            done = ""
-            at = fd
-            for part in rel.split("/"):
-                done = f"{done}/{part}" if done else part
+            parts = rel.split("/")
+            at, start = fd, 0
+            for i in range(len(parts) - 1, 0, -1):  # the nearest directory above, if open
+                above = self._dirs.get("/".join(parts[:i]))
+                if above is not None:
+                    at, start = above, i
+                    break
+            for i in range(start, len(parts)):
+                done = "/".join(parts[: i + 1])
                 try:
-                    nxt = self.store.open_dir(at, part, f"{self.user}/{done}", create=create)
+                    nxt = self.store.open_dir(at, parts[i], f"{self.user}/{done}", create=create)
                 except Refused as e:
                     raise OSError(
                         errno.ELOOP, f"store directory {escape(done)} is {e.reason}"
                     ) from None
-                finally:
-                    if at != fd:
-                        close_quietly(at)
                 if nxt is None:
                     return None, leaf  # not remembered: a copy may make it any time
-                at = nxt
-            self._dirs[rel] = at  # only the last: `forget` closes what a pass is done with
+                self._dirs[done] = at = nxt
             return at, leaf
 
     def cached(self, rel: str) -> int | None:
@@ -401,10 +401,15 @@ class UserStore:
             return self._dirs.get(rel)
 
     def forget(self, rel: str) -> None:
-        """Close the descriptor kept for the store directory `rel` (a pass is done with
-        that directory: a user's store is never held open whole)."""
+        """Close the descriptors kept for store directories other than `rel` and those
+        above it: a pass walking depth first is done with them (a user's store is never
+        held open whole; at most --depth descriptors stay)."""
+        keep = (
+            {"/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 2)} if rel else set()
+        )
         with self._lock:
-            close_quietly(self._dirs.pop(rel, None))
+            for key in [k for k in self._dirs if k not in keep]:
+                close_quietly(self._dirs.pop(key))
 
     def lstat(self, name: str) -> os.stat_result | None:
         fd, leaf = self.parent(name, create=False)
