@@ -7,6 +7,7 @@ from __future__ import annotations
 import filecmp
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -646,9 +647,10 @@ def _claude_tree(root: Path, stores: list[Path], s: ClaudeSizes, mtime_ns: int) 
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
     def mkdir(p: Path, store: bool) -> None:
+        made = [q for q in (p.parent, p) if not q.exists()]
         p.mkdir(parents=True, exist_ok=True)
-        if store:
-            os.chmod(p, 0o2770)  # noqa: S103  (the service's own --dir-mode)
+        for q in made if store else ():
+            os.chmod(q, 0o2770)  # noqa: S103  (the service's own --dir-mode)
 
     for u in range(s.users):
         user = f"u{u:04d}"
@@ -731,11 +733,27 @@ def claude(sizes: Sizes, work: Path, log: Log) -> list[Row]:
         f"{s.users:,} users x {s.projects} projects x {s.sessions} sessions (half with "
         f"subagents/ of {s.agents}): {nfiles:,} files"
     )
-    sw = SessionWatcher(["--layout", "claude-code", "--settle", "0", "--reconcile-interval", "0"])
+    sw = SessionWatcher(
+        ["--layout", "claude-code", "--settle", "0", "--reconcile-interval", "0"],
+        ready_timeout=900,
+    )
     try:
         sw.start(Tree(home), store, work)
         time.sleep(2)
         threads, hwm, watches = sw.threads(), sw.vmhwm_kib(), _watches(sw.pid)
+        log(f"Claude layout: READY after {sw.ready_seconds:.1f} s, {watches:,} watches")
+        # The first pass goes on after READY=1 (every project watched by then): the
+        # samples are taken once it is done, in the steady state.
+        service_log = work / "session-watcher.log"
+        t_ready = time.monotonic()
+        while b"pass done" not in service_log.read_bytes():
+            if time.monotonic() - t_ready > 1800:
+                raise RuntimeError("the first pass did not end in 30 min")
+            time.sleep(0.5)
+        done = re.search(rb"pass done: .* in ([\d.]+) s", service_log.read_bytes())
+        first_pass = float(done.group(1)) if done else float("nan")
+        hwm = max(hwm, sw.vmhwm_kib())
+        log(f"Claude layout: the first pass took {first_pass:.0f} s")
         # A new project's first transcript: mkdir, create, write, close; timed from close.
         lat: list[float] = []
         for i in range(s.samples):
@@ -773,10 +791,11 @@ def claude(sizes: Sizes, work: Path, log: Log) -> list[Row]:
         Row(
             "Claude Code layout",
             "session-watcher run",
-            f"{shape}, store in sync: start → READY=1 s / threads / peak RSS (VmHWM) MB / "
-            "inotify watches (1 run)",
+            f"{shape}, store in sync: start → READY=1 s / threads / peak RSS (VmHWM) MB, "
+            "first pass included / inotify watches at READY (1 run)",
             f"{sw.ready_seconds:.1f} / {threads} / {hwm / 1024:.0f} / {watches:,} "
-            f"({watches_after:,} after the samples; threads then {cpu_threads})",
+            f"(the first pass, after READY=1, took {first_pass:.0f} s; {watches_after:,} "
+            f"watches and {cpu_threads} threads after the samples)",
             "READY ≤ 30 s, threads ≤ 32, RSS ≤ 300 MB, watches ≤ 60,000",
             "met" if ok else "missed",
         )

@@ -223,6 +223,16 @@ class Service:
             # may have been created since start.
             self.watchset.rescan(full=True)
             self.store = store_for(self.config).inherit(self.store)
+            if self.config.depth > 1 and not self._first_pass.is_set():
+                # A nested layout is ready once every project directory is watched: its
+                # first pass (1,000 users x 30 projects: 1.5 million files) goes on after
+                # READY=1, watching active sessions as it walks them.
+                n = self.watchset.watch_first_level(self._stop.is_set)
+                if not self._stop.is_set():
+                    self._ready(
+                        f"ready: watching {self.watcher.count()} users and {n} directories "
+                        "below theirs (the first pass goes on)"
+                    )
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
@@ -235,16 +245,17 @@ class Service:
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set() and not self._stop.is_set():
-            self.watchset.started = True
-            log.info(
-                "ready: watching %d users and %d directories below theirs "
-                "(%d files copied at start)",
-                self.watcher.count(),
-                self.watcher.nested_count(),
-                stats.files_copied,
+            self._ready(
+                f"ready: watching {self.watcher.count()} users and "
+                f"{self.watcher.nested_count()} directories below theirs "
+                f"({stats.files_copied} files copied at start)"
             )
-            self._first_pass.set()
-            self._wake.set()
+
+    def _ready(self, line: str) -> None:
+        self.watchset.started = True
+        log.info("%s", line)
+        self._first_pass.set()
+        self._wake.set()
 
     def _on_pass_result(self, source: object, name: str, result: object) -> None:
         self.reporter.count(result)  # type: ignore[arg-type]

@@ -13,10 +13,19 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 
 from .config import Config
-from .homes import Home, HomeRefused, home_qualifies, list_homes, open_sessions_dir
+from .homes import (
+    DIR_ENTRY_LIMIT,
+    Home,
+    HomeRefused,
+    home_qualifies,
+    list_homes,
+    open_home,
+    open_sessions_dir,
+    open_subdir,
+)
 from .logfmt import fields
 from .ratelimit import LogLimiter
-from .safefs import errno_name, escape, open_root_dir
+from .safefs import Refused, errno_name, escape, open_root_dir
 from .stuck import UserStuck
 from .watch import Watcher
 
@@ -190,6 +199,57 @@ class WatchSet:
                 extra=fields(home.name, errno=errno_name(e.errno)),
             )
             return None
+
+    def watch_first_level(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """With --depth over 1: watch every first-level directory (a project) of every
+        watched user, without listing any file: what must be watched before READY=1, so
+        that a transcript closed in any project from then on is an event. The session and
+        subagents/ directories of active sessions are watched by the first pass, which
+        goes on after READY=1 (and each of them as soon as its session is written to).
+        Refusals are left for that pass to say. Returns the directories watched."""
+        n = 0
+        home_fd = open_root_dir(self.config.home_root)
+        try:
+            for user in self.watcher.users():
+                if stop():
+                    break
+                try:
+                    with self._guard(user):
+                        n += self._watch_first_level(home_fd, user)
+                except UserStuck:
+                    continue
+                except (HomeRefused, OSError) as e:
+                    log.debug("first-level watches of %s: %s", escape(user), e)
+        finally:
+            os.close(home_fd)
+        return n
+
+    def _watch_first_level(self, home_fd: int, user: str) -> int:
+        source = open_home(home_fd, user, self.config)
+        if source is None:
+            return 0
+        n = 0
+        try:
+            with os.scandir(source.fd) as it:
+                names = []
+                for i, entry in enumerate(it):
+                    if i >= DIR_ENTRY_LIMIT:
+                        break
+                    if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                        names.append(entry.name)
+            for name in names:
+                try:
+                    sub = open_subdir(source, name, self.config)
+                except (Refused, OSError):
+                    continue
+                try:
+                    if self.watcher.add_nested(sub, os.fstat(sub.fd)):
+                        n += 1
+                finally:
+                    os.close(sub.fd)
+        finally:
+            os.close(source.fd)
+        return n
 
     def retry_degraded(self) -> None:
         """Try to watch the degraded directories again; scan the ones that still fail.

@@ -436,10 +436,16 @@ def test_watches_are_bounded_to_projects_and_active_sessions(tree: Tree, start: 
     put(alice, "proj0/live.jsonl", line(1))
     put(alice, "proj0/live/subagents/agent.jsonl", line(1))
     svc = run_claude(start)
-    # home root + projects + 3 projects + live/ + live/subagents/: not the 60 old ones.
+    # READY=1 once the projects are watched: home root, projects, the 3 projects.
+    assert inotify_watches(svc.proc.pid) >= 1 + 1 + 3
+    # The first pass goes on after it: everything is copied all the same, and the live
+    # session's two directories are watched, not the 60 of the old ones.
+    wait_for(
+        lambda: len(list((tree.target / "alice").rglob("*.jsonl"))) == 3 * 10 * 2 + 2,
+        what="the first pass",
+    )
+    svc.wait_log("pass done")
     assert inotify_watches(svc.proc.pid) == 1 + 1 + 3 + 2
-    # Everything was copied all the same.
-    assert len(list((tree.target / "alice").rglob("*.jsonl"))) == 3 * 10 * 2 + 2
 
 
 @root_only
