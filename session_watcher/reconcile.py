@@ -424,6 +424,11 @@ def _pass_user(
         if watches is not None:
             complete = not (stop is not None and stop.is_set()) and walk.entries <= walk.user_limit
             watches.end(source.user, token, complete)
+            if not dry_run:
+                # The service's nested store: its usage measured here, on the walker,
+                # not by the user's first live copy (see Store.inherit).
+                futures.wait(pending)
+                store.measure(source.user, user_store.fd(create=False))
     except OSError as e:
         log.error("could not list sessions of %s: %s", escape(source.user), e)
     finally:

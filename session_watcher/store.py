@@ -176,9 +176,26 @@ class Store:
         showing them and the episode's WARNING is not repeated."""
         with old._usage_lock:
             over = set(old._over)
+            usage = {u: Usage(v.nbytes, v.files) for u, v in old._usage.items()}
         with self._usage_lock:
             self._over |= over
+            if self.config.depth > 1:
+                # A nested store is thousands of directories per user: measured once (by
+                # the first pass, `measure`), then kept up to date by every copy, not
+                # measured again by every pass (nor by a user's first live copy).
+                for u, v in usage.items():
+                    self._usage.setdefault(u, v)
         return self
+
+    def measure(self, user: str, dir_fd: int | None) -> None:
+        """Measure `user`'s store usage now unless known (the service's passes call it as
+        they finish a user with a nested layout: a live copy then never waits for it)."""
+        with self._usage_lock:
+            if user in self._usage:
+                return
+        measured = Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
+        with self._usage_lock:
+            self._usage.setdefault(user, measured)
 
     def over_quota(self) -> list[str]:
         with self._usage_lock:

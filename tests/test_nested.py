@@ -25,7 +25,7 @@ from session_watcher.config import Config, ConfigError, resolve
 from session_watcher.copy import SourceDir
 from session_watcher.homes import Walk, open_source_path
 from session_watcher.ratelimit import LogLimiter
-from session_watcher.reconcile import reconcile
+from session_watcher.reconcile import reconcile, store_for
 from session_watcher.safefs import Refused
 from session_watcher.status import scan
 from session_watcher.watch import Watcher
@@ -516,3 +516,30 @@ def test_walk_watches_projects_always_and_sessions_while_active(tree: Tree) -> N
         "p/fresh/subagents": True,
     }
     assert all(hot.values())
+
+
+@root_only
+def test_nested_store_usage_is_measured_once_and_carried_to_the_next_pass(tree: Tree) -> None:
+    alice = claude_user(tree, "alice")
+    put(alice, "p/s/subagents/agent.jsonl", line(1))
+    put(alice, "p/s.jsonl", line(2))
+    reconcile(config(tree))
+    store = store_for(config(tree))
+    root = store.open_root(create=False)
+    assert root is not None
+    user_fd = store.open_user_dir(root, "alice", create=False)
+    try:
+        store.measure("alice", user_fd)
+        usage = store.usage("alice")
+        assert usage is not None and (usage.files, usage.nbytes) == (2, len(line(1) + line(2)))
+        carried = store_for(config(tree)).inherit(store).usage("alice")
+        assert carried is not None and carried.files == 2
+        # The flat layout measures afresh with every pass, as before.
+        flat = store_for(tree.config())
+        flat.measure("alice", user_fd)
+        assert flat.usage("alice") is not None
+        assert store_for(tree.config()).inherit(flat).usage("alice") is None
+    finally:
+        os.close(root)
+        if user_fd is not None:
+            os.close(user_fd)
