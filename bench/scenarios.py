@@ -4,6 +4,7 @@ rows. Sizes come from `Sizes` (full or quick)."""
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import os
 import random
@@ -719,6 +720,8 @@ def _write(path: Path, data: bytes, append: bool = False) -> None:
 
 def claude(sizes: Sizes, work: Path, log: Log) -> list[Row]:
     s = CLAUDE_QUICK if sizes.quick else CLAUDE_FULL
+    if os.environ.get("BENCH_CLAUDE_USERS"):  # a smaller (or larger) row: same shape per user
+        s = dataclasses.replace(s, users=int(os.environ["BENCH_CLAUDE_USERS"]))
     home, store, rsync_store = work / "claude-home", work / "claude-sw", work / "claude-rsync"
     old = time.time_ns() - 30 * 86400 * 10**9
     t_build = time.monotonic()
