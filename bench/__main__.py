@@ -99,7 +99,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale")
+SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale", "claude")
 LIVE_KEYS = ("sw", "lsyncd", "lsyncd-direct", "inotifywait")  # LivePeer.key
 
 
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += scenarios.cold(sizes, work, log)
             elif name == "scale":
                 rows += scenarios.scale(sizes, work, log)
+            elif name == "claude":
+                rows += scenarios.claude(sizes, work, log)
         report = header(work, load_before, time.monotonic() - t0, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # trees and stores never outlive the run

@@ -199,9 +199,10 @@ class SessionWatcher(LivePeer):
     key = "sw"
     label = "session-watcher"
 
-    def __init__(self, extra: list[str] | None = None) -> None:
+    def __init__(self, extra: list[str] | None = None, *, ready_timeout: float = 180) -> None:
         super().__init__()
         self.extra = extra or []
+        self.ready_timeout = ready_timeout
         self.ready_seconds = 0.0
         self._sock: socket.socket | None = None
 
@@ -216,7 +217,7 @@ class SessionWatcher(LivePeer):
         t0 = time.monotonic()
         self._spawn(cmd, work / "session-watcher.log", env)
         sock.settimeout(0.5)
-        deadline = t0 + 180
+        deadline = t0 + self.ready_timeout
         while True:
             try:
                 msg = sock.recv(4096)

@@ -7,6 +7,11 @@ open with O_APPEND, write, close) and one rsync-style temp file + rename, printi
 copy as it lands with the latency the service measured. Then SIGTERM, a check that every
 source equals its copy, and the sandbox is removed.
 
+Then the same for Claude Code's own layout (`--layout claude-code`): transcripts under
+`~/.claude/projects/<project>/<session>.jsonl` and `<session>/subagents/agent-*.jsonl`,
+a new project and a new subagent directory appearing while it runs, a planted symlink
+refused, and the store mirroring the tree.
+
 Only the standard library; the service runs as `python -m session_watcher`.
 """
 
@@ -61,7 +66,7 @@ class LogTail:
             m = COPIED.search(line)
             if m:
                 name, size, ms = m.group(1), int(m.group(2)), m.group(3)
-                when = f"{float(ms):7.1f} ms after the event" if ms else "   (initial pass)"
+                when = f"{float(ms):7.1f} ms after the event" if ms else "  (a pass or a walk)"
                 say(f"    landed {name:<34} {size:>7,} bytes {when}")
             elif " WARNING " in line or " ERROR " in line:
                 say(f"    service: {line.split(': ', 1)[-1]}")
@@ -243,13 +248,130 @@ def main() -> int:
         )
         if rc != 0 or not stopping or leftovers:
             return 1
-        say("demo done")
-        return 0
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         sock.close()
+        shutil.rmtree(base, ignore_errors=True)
+    rc = claude_layout(group)
+    if rc == 0:
+        say("demo done")
+    return rc
+
+
+def start_service(
+    base: Path, group: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], socket.socket, LogTail]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify = base / "notify.sock"
+    sock.bind(str(notify))
+    log_path = base / "service.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "session_watcher",
+        "run",
+        "--home-root",
+        str(base / "home"),
+        "--target",
+        str(base / "store"),
+        "--min-uid",
+        "0",
+        "--max-uid",
+        str(2**31),
+        "--group",
+        group,
+        "--settle",
+        "1",
+        "--reconcile-interval",
+        "0",
+        "--state-file",
+        str(base / "state.json"),
+        *extra,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_WATCHER_")}
+    env["NOTIFY_SOCKET"] = str(notify)
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
+        )
+    return proc, sock, LogTail(log_path)
+
+
+def claude_layout(group: str) -> int:
+    """The second part: Claude Code's own layout, nested, with --layout claude-code."""
+    base = Path(tempfile.mkdtemp(prefix="session-watcher-demo-claude-"))
+    proc: subprocess.Popen[bytes] | None = None
+    sock: socket.socket | None = None
+    try:
+        projects = base / "home" / "carol" / ".claude" / "projects"
+        old = projects / "-home-carol-repo"
+        (old / "0195f3c2-old" / "subagents").mkdir(parents=True)
+        (old / "0195f3c2-old.jsonl").write_text('{"type":"user","turn":0}\n')
+        (old / "0195f3c2-old" / "subagents" / "agent-a1.jsonl").write_text('{"agent":1}\n')
+        say("\n--- Claude Code's own layout ---")
+        say(f"  sandbox   {base}")
+        say(f"  sources   {base}/home/carol/.claude/projects/<project>/<session>.jsonl")
+        say("            .../<project>/<session>/subagents/agent-<id>.jsonl")
+        say(f"  store     {base}/store/carol/<project>/<session>.jsonl (the same relative path)")
+        say("  $ session-watcher run --layout claude-code ...")
+        say("    (= --sessions-subdir .claude/projects --depth 4)")
+        proc, sock, tail = start_service(base, group, "--layout", "claude-code")
+        took = wait_ready(sock, proc, tail)
+        say(f"READY=1 after {took:.2f} s")
+        tail.poll()
+
+        say("\ncarol starts Claude Code in a new repository: a new project directory")
+        new = projects / "-home-carol-new"
+        new.mkdir()
+        session = new / "0195f3d9-new.jsonl"
+        done = threading.Event()
+        session_writer(session, time.monotonic() + 1.0, done)
+        say("carol's session runs a subagent: <session>/subagents/agent-b2.jsonl")
+        (new / "0195f3d9-new" / "subagents").mkdir(parents=True)
+        session_writer(
+            new / "0195f3d9-new" / "subagents" / "agent-b2.jsonl", time.monotonic() + 0.5, done
+        )
+        say("a symlink planted as a project directory (never followed; a pass refuses it)")
+        (projects / "-etc").symlink_to("/etc")
+        expected = {
+            f"carol/{p.relative_to(projects)}": p
+            for p in projects.rglob("*.jsonl")
+            if not p.is_symlink() and "-etc" not in p.parts
+        }
+        deadline = time.monotonic() + LAND_TIMEOUT
+        while True:
+            tail.poll()
+            store = base / "store"
+            pending = [k for k, p in expected.items() if _read(store / k) != p.read_bytes()]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not in the store after {LAND_TIMEOUT:.0f} s: {pending}")
+            time.sleep(0.05)  # polling the store for the final content, with a deadline
+        proc.send_signal(signal.SIGHUP)  # a full pass: it meets the symlink
+        deadline = time.monotonic() + LAND_TIMEOUT
+        while not any("-etc" in line and "symlink" in line for line in tail.lines):
+            if time.monotonic() > deadline:
+                raise SystemExit("the planted symlink was not refused")
+            tail.poll()
+            time.sleep(0.05)
+        say(f"\nevery source equals its copy in the store ({len(expected)} files):")
+        for p in sorted(store.rglob("*")):
+            kind = "/" if p.is_dir() else ""
+            say(f"    {p.relative_to(store)}{kind}  {p.stat().st_mode & 0o7777:04o}")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+        tail.poll()
+        say(f"  exit {rc}")
+        return 0 if rc == 0 else 1
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sock is not None:
+            sock.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -41,6 +41,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="REL",
         help="sessions directory inside each home (default user/sessions)",
     )
+    add(
+        "--depth",
+        metavar="N",
+        help="directory levels below the sessions directory that hold *.jsonl (default 1)",
+    )
+    add(
+        "--layout",
+        choices=["flat", "claude-code"],
+        help="preset: flat (user/sessions, depth 1) or claude-code (.claude/projects, depth 4)",
+    )
+    add(
+        "--active-window",
+        metavar="SECONDS",
+        help="nested directories of sessions changed within this are watched (86400)",
+    )
     add("--target", metavar="DIR", help="the store (default /data/user_sessions)")
     add("--min-uid", metavar="N", help="lowest qualifying home owner uid (default 1000)")
     add("--max-uid", metavar="N", help="highest qualifying home owner uid (default 60000)")

@@ -9,9 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigError", "parse_mode", "resolve"]
+__all__ = ["ENV_PREFIX", "LAYOUTS", "MAX_DEPTH", "Config", "ConfigError", "parse_mode", "resolve"]
 
 ENV_PREFIX = "SESSION_WATCHER_"
+MAX_DEPTH = 8
+
+# Named presets of (sessions subdir, depth). Claude Code writes
+# `~/.claude/projects/<project>/<session>.jsonl` and, for sessions that ran subagents,
+# `~/.claude/projects/<project>/<session>/subagents/agent-<id>.jsonl`.
+LAYOUTS: dict[str, tuple[str, int]] = {
+    "flat": ("user/sessions", 1),
+    "claude-code": (".claude/projects", 4),
+}
 
 
 class ConfigError(ValueError):
@@ -24,6 +33,14 @@ class Config:
 
     home_root: Path = Path("/home")
     sessions_subdir: str = "user/sessions"
+    # How many directory levels below the sessions directory hold transcripts: 1 is the
+    # flat layout (`<sessions>/*.jsonl`); Claude Code's own layout needs 4
+    # (`<project>/<session>/subagents/agent-x.jsonl`). `--layout claude-code` sets both.
+    depth: int = 1
+    # Below the first level, a directory is watched only while its session is active: it,
+    # or the transcript named after it beside it, changed within this many seconds. Older
+    # ones are watched again the moment their session is written to; passes see them all.
+    active_window: float = 86400.0
     target: Path = Path("/data/user_sessions")
     min_uid: int = 1000
     max_uid: int = 60000
@@ -79,6 +96,10 @@ def _check(c: Config) -> None:
         raise ConfigError(
             f"sessions subdir must be a relative path without '.' or '..': {c.sessions_subdir!r}"
         )
+    if not 1 <= c.depth <= MAX_DEPTH:
+        raise ConfigError(f"depth must be 1..{MAX_DEPTH}, got {c.depth}")
+    if not 0 <= c.active_window <= 365 * 86400:
+        raise ConfigError(f"active window must be 0..31536000 seconds, got {c.active_window}")
     if not 0 <= c.min_uid <= c.max_uid:
         raise ConfigError(f"need 0 <= min uid <= max uid, got {c.min_uid} and {c.max_uid}")
     for what, mode in (("file mode", c.file_mode), ("dir mode", c.dir_mode)):
@@ -156,6 +177,9 @@ def _parse_users(text: str) -> frozenset[str]:
 PARSERS: dict[str, Any] = {
     "home_root": Path,
     "sessions_subdir": str,
+    "depth": _parse_int,
+    "layout": lambda s: s.strip().lower(),  # a preset, not a field: see `resolve`
+    "active_window": _parse_float,
     "target": Path,
     "min_uid": _parse_int,
     "max_uid": _parse_int,
@@ -193,15 +217,31 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
 
     `flags` maps field names to already-parsed values (None or absent = not given); flags
     the caller does not know about are ignored, so `reconcile` and `run` share this.
+    `layout` (flag, else `SESSION_WATCHER_LAYOUT`) presets the sessions subdir and depth:
+    an explicit flag for either still wins; the environment's wins only over a preset that
+    came from the environment too.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    layout_flag = flags.get("layout")
+    layout = layout_flag or env.get(ENV_PREFIX + "LAYOUT", "").strip()
+    preset: set[str] = set()
+    if layout:
+        if layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        subdir, depth = LAYOUTS[layout]
+        # The preset is the default; an explicit --sessions-subdir or --depth still wins.
+        values["sessions_subdir"], values["depth"] = subdir, depth
+        if layout_flag:  # a --layout flag also beats the environment's subdir and depth
+            preset = {"sessions_subdir", "depth"}
     for f in dataclasses.fields(Config):
         if f.name not in PARSERS:
             continue
         given = flags.get(f.name)
         if given is not None and given != ():
             values[f.name] = frozenset(given) if f.name == "exclude_users" else given
+            continue
+        if f.name in preset:
             continue
         for var in _env_names(f.name):
             raw = env.get(var)

@@ -61,12 +61,26 @@ _MAX_EXTENTS = 4096
 class SourceDir:
     """A qualified, opened sessions directory: its home's name, owner and descriptor, and
     the home's device (`dev`): a file on another device is refused unless the operator
-    allows crossing mounts (then `dev` is None)."""
+    allows crossing mounts (then `dev` is None).
+
+    With `--depth` over 1 it may be a directory below the sessions directory: `rel` is its
+    path relative to the sessions directory ("" for the sessions directory itself), each
+    component opened relative to its parent and checked (`homes.open_subdir`). A file
+    `name` in it is `key(name)` in the store: `<store>/<user>/<rel>/<name>`."""
 
     user: str
     uid: int
     fd: int
     dev: int | None = None
+    rel: str = ""
+
+    def key(self, name: str) -> str:
+        return f"{self.rel}/{name}" if self.rel else name
+
+    @property
+    def level(self) -> int:
+        """1 for the sessions directory, 2 one below it, ...: the level of its files."""
+        return self.rel.count("/") + 2 if self.rel else 1
 
 
 class Outcome(enum.Enum):
@@ -116,6 +130,9 @@ REFUSAL_KINDS = (
     "mount",
     "quota",
     "home",
+    "hidden",  # a directory whose name starts with "." (below the sessions directory)
+    "depth",  # a directory deeper than --depth allows
+    "bound",  # past the entries a walk looks at per directory or per user
     "other",
 )
 
@@ -229,7 +246,7 @@ def _lock_for(user: str, name: str) -> threading.Lock:
 
 
 def _label(source: SourceDir, name: str) -> str:
-    return escape(f"{source.user}/{name}")
+    return escape(f"{source.user}/{source.key(name)}")
 
 
 def _line_end(fd: int, size: int, limit: int = _TAIL_LIMIT) -> int:
@@ -317,7 +334,7 @@ def quick_skip(
     1,000 users, and the overhead around the two stat calls was 40% of its time. May raise
     the store side's OSError (EIO, ENAMETOOLONG): `sync_file` turns that into FAILED."""
     return refusal(lstat, source.uid, config.max_file_bytes) is None and is_up_to_date(
-        lstat, store.lstat(name)
+        lstat, store.lstat(source.key(name))
     )
 
 
@@ -336,7 +353,9 @@ def sync_file(
     force: bool = False,
     copied_id: tuple[int, int, int] | None = None,
 ) -> Result:
-    """Bring `<store>/<user>/<name>` up to date with `<sessions>/<name>`.
+    """Bring `<store>/<user>/<key>` up to date with `<sessions>/<key>`, where `key` is
+    `source.key(name)`: `name` is the file's name in the opened directory `source`, and
+    the store key is its path relative to the sessions directory (`proj/sess.jsonl`).
 
     `lstat` may pass the entry's stat from a directory scan, so that an up-to-date file
     costs one more fstatat (of the target) and nothing else. `since` is the wall time of
@@ -360,7 +379,7 @@ def sync_file(
         except OSError:
             pass  # the store side (EIO, ENAMETOOLONG): met again below, and counted FAILED
     say = limiter if limiter is not None else LogLimiter(0.0)
-    with _lock_for(source.user, name):
+    with _lock_for(source.user, source.key(name)):
         for attempt in range(MAX_TRIES):
             try:
                 result = _sync_once(
@@ -392,7 +411,7 @@ def sync_file(
                     "refused %s: %s",
                     _label(source, name),
                     e.reason,
-                    extra=fields(source.user, name, reason=e.kind),
+                    extra=fields(source.user, source.key(name), reason=e.kind),
                 )
                 return Result(Outcome.REFUSED, detail=e.reason, kind=e.kind)
             except OSError as e:
@@ -406,7 +425,7 @@ def sync_file(
                     _label(source, name),
                     os.strerror(code) if code else e,
                     errno_name(code),
-                    extra=fields(source.user, name, errno=errno_name(code)),
+                    extra=fields(source.user, source.key(name), errno=errno_name(code)),
                 )
                 return Result(Outcome.FAILED, detail=str(e), errno=code)
         else:
@@ -418,7 +437,7 @@ def sync_file(
                 "failed %s: source kept changing during the copy (%d tries)",
                 _label(source, name),
                 MAX_TRIES,
-                extra=fields(source.user, name, reason="changing"),
+                extra=fields(source.user, source.key(name), reason="changing"),
             )
             return Result(Outcome.FAILED, detail="source kept changing during the copy")
     if result.outcome is Outcome.COPIED and not dry_run:
@@ -435,7 +454,7 @@ def sync_file(
                 "copied %s (%d bytes)",
                 _label(source, name),
                 result.nbytes,
-                extra=fields(source.user, name, nbytes=result.nbytes),
+                extra=fields(source.user, source.key(name), nbytes=result.nbytes),
             )
         else:
             latency = time.time() - since
@@ -448,7 +467,9 @@ def sync_file(
                 _label(source, name),
                 result.nbytes,
                 latency * 1000,
-                extra=fields(source.user, name, nbytes=result.nbytes, latency_ms=latency * 1000),
+                extra=fields(
+                    source.user, source.key(name), nbytes=result.nbytes, latency_ms=latency * 1000
+                ),
             )
             result = dataclasses.replace(result, latency=latency)
     return result
@@ -475,7 +496,8 @@ def _sync_once(
     why = refusal(pre, source.uid, config.max_file_bytes, source.dev)
     if why is not None and why.kind != "sparse":  # a sparse suspect is checked once open
         raise Refused.of(why)
-    tgt = store.lstat(name)
+    key = source.key(name)
+    tgt = store.lstat(key)
     if tgt is not None and stat.S_ISDIR(tgt.st_mode):
         raise OSError(errno.EISDIR, "store entry is a directory")
     if why is None and not _forced(force, copied_id, pre) and is_up_to_date(pre, tgt):
@@ -538,7 +560,7 @@ def _sync_once(
                 _label(source, name),
                 old_size,
                 size,
-                extra=fields(source.user, name, nbytes=size, reason="shrank"),
+                extra=fields(source.user, key, nbytes=size, reason="shrank"),
             )
         if tgt is not None and stat.S_ISLNK(tgt.st_mode):
             say.log(
@@ -553,7 +575,7 @@ def _sync_once(
             log.info("would copy %s (%d bytes)", _label(source, name), length)
             return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
         try:
-            _install(config, source, store, name, fd, st, length)
+            _install(config, source, store, name, fd, st, length, key)
         except BaseException:
             store.release(grow, new_file=new_file)
             raise
@@ -578,10 +600,15 @@ def _install(
     src_fd: int,
     st: os.stat_result,
     length: int,
+    key: str | None = None,
 ) -> None:
     """Temp file in the same directory (same file system, so the rename is atomic), exact
-    bytes, our mode and group, the source's mtime, fsync, rename, fsync the directory."""
-    dir_fd = store.fd(create=True)
+    bytes, our mode and group, the source's mtime, fsync, rename, fsync the directory.
+
+    `key` (default `name`) is the path in the user's store: its directories are made by
+    `UserStore.parent` (each opened relative to its parent, never through a symlink, with
+    the store's mode and group); `name` is the source's name in `source.fd`."""
+    dir_fd, leaf = store.parent(name if key is None else key, create=True)
     if dir_fd is None:  # only a dry run leaves the directory absent
         raise OSError(errno.ENOENT, "store directory missing")
     tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
@@ -614,7 +641,7 @@ def _install(
             raise _Changed("replaced")
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fsync(out)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(tmp, leaf, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         installed = True
         os.fsync(dir_fd)
     finally:

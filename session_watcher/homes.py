@@ -6,9 +6,10 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Config
 from .copy import SourceDir
@@ -18,17 +19,33 @@ from .safefs import Refused, errno_name, escape, open_dir_at
 from .stuck import UserStuck
 
 __all__ = [
+    "DIR_ENTRY_LIMIT",
+    "USER_ENTRY_LIMIT",
     "Home",
     "HomeRefused",
+    "Visit",
+    "Walk",
     "home_qualifies",
     "is_session_name",
     "list_homes",
     "open_home",
     "open_sessions_dir",
+    "open_source_path",
+    "open_subdir",
+    "say_refused",
     "walk_user",
 ]
 
 log = logging.getLogger(__name__)
+
+# With --depth over 1, what one user can make a walk look at: entries (files, directories,
+# anything) of one directory, and of the whole tree of one user. Past either bound the rest
+# is not looked at in that walk (one WARNING, kind "bound"): the files already listed are
+# copied, the rest waits for the user to tidy up; live events in watched directories still
+# copy. 50,000 sessions in one project and 500,000 entries in all are far past any real
+# Claude Code history (the store's own limit is --max-user-files, 100,000 by default).
+DIR_ENTRY_LIMIT = 50_000
+USER_ENTRY_LIMIT = 500_000
 
 
 @dataclass(frozen=True)
@@ -206,3 +223,181 @@ def walk_user(
             extra=fields(home.name, errno=errno_name(code)),
         )
         return None
+
+
+# --- below the sessions directory (--depth over 1) -------------------------------------------
+
+
+def say_refused(limiter: LogLimiter | None, user: str, rel: str, e: Refused) -> None:
+    """One WARNING for a refused directory `rel` (below `user`'s sessions directory),
+    limited per user and kind; its structured fields are user, file (`rel`) and reason."""
+    say = limiter if limiter is not None else LogLimiter(0.0)
+    say.log(
+        log,
+        logging.WARNING,
+        user,
+        "refused:" + e.kind,
+        "refused %s: %s",
+        escape(f"{user}/{rel}" if rel else user),
+        e.reason,
+        extra=fields(user, rel or None, reason=e.kind),
+    )
+
+
+def open_subdir(parent: SourceDir, name: str, config: Config) -> SourceDir:
+    """One directory below `parent`, opened relative to it with O_NOFOLLOW and checked on
+    what was opened: a real directory, owned by the home's owner, on the home's device
+    (unless --cross-mounts), its name not hidden, its files within --depth. Raises Refused
+    (kinds symlink, other, hidden, depth, owner, mount) or OSError (ENOENT, EACCES, ...)."""
+    rel = parent.key(name)
+    if name.startswith("."):
+        raise Refused("a directory whose name starts with '.'", "hidden")
+    if parent.level + 1 > config.depth:
+        raise Refused(f"a directory deeper than --depth {config.depth}", "depth")
+    fd, st = open_dir_at(parent.fd, name)
+    if st.st_uid != parent.uid:
+        os.close(fd)
+        raise Refused(
+            f"a directory owned by uid {st.st_uid}, not by the home's owner {parent.uid}", "owner"
+        )
+    if parent.dev is not None and st.st_dev != parent.dev:
+        os.close(fd)
+        raise Refused("a directory on another file system than its home", "mount")
+    return SourceDir(parent.user, parent.uid, fd, parent.dev, rel)
+
+
+def open_source_path(top: SourceDir, rel: str, config: Config) -> SourceDir:
+    """The directory `rel` below the sessions directory `top`, walked one component at a
+    time with `open_subdir` (the intermediate descriptors are closed; `top`'s is not)."""
+    current = top
+    try:
+        for part in rel.split("/") if rel else ():
+            nxt = open_subdir(current, part, config)
+            if current is not top:
+                os.close(current.fd)
+            current = nxt
+    except BaseException:
+        if current is not top:
+            os.close(current.fd)
+        raise
+    return current
+
+
+@dataclass(frozen=True)
+class Visit:
+    """What `Walk` yields. kind "file": `entry` is a `*.jsonl` entry of `source` (a
+    directory at any level), `st` its lstat (None: it vanished). kind "enter": `source` was
+    just opened (before it is listed), `st` its fstat, `watch` whether a service should
+    watch it (every first-level directory, and deeper ones of active sessions). kind
+    "leave": the walk is done with `source`; its descriptor closes when the walk goes on."""
+
+    kind: str
+    source: SourceDir
+    entry: os.DirEntry[str] | None = None
+    st: os.stat_result | None = None
+    watch: bool = False
+
+
+@dataclass
+class Walk:
+    """The walk of one user's sessions directory, down to --depth levels, with the same
+    checks at every level (`open_subdir`) and bounded entries (DIR_ENTRY_LIMIT per
+    directory, USER_ENTRY_LIMIT per user, with --depth over 1 only: the flat layout is
+    walked exactly as before). Refusals are one WARNING each (limited per user and kind by
+    `limiter`), and the walk goes on. `hot` forces every directory below the start to
+    count as active (a session that just became active again)."""
+
+    config: Config
+    limiter: LogLimiter | None = None
+    now: float = field(default_factory=time.time)
+    hot: bool = False
+    stop: Callable[[], bool] = lambda: False
+    dir_limit: int = DIR_ENTRY_LIMIT
+    user_limit: int = USER_ENTRY_LIMIT
+    entries: int = 0
+
+    def visits(self, top: SourceDir) -> Iterator[Visit]:
+        """Depth first from `top` (which the caller opened and closes); directories below
+        it are opened and closed by the walk. The "file" visits of a directory come before
+        its "leave"; a consumer that hands files to other threads waits for them there."""
+        yield from self._dir(top, self.hot)
+
+    def _recent(self, mtime: float | None) -> bool:
+        return mtime is not None and self.now - mtime < self.config.active_window
+
+    def _dir(self, source: SourceDir, hot: bool) -> Iterator[Visit]:
+        nested = self.config.depth > 1
+        subdirs: list[str] = []
+        mtimes: dict[str, float] = {}
+        seen = 0
+        with os.scandir(source.fd) as it:
+            for entry in it:
+                if self.stop():
+                    break
+                if nested:
+                    seen += 1
+                    self.entries += 1
+                    if self.entries > self.user_limit:
+                        self._bound(source, f"more than {self.user_limit} entries in all")
+                        break
+                    if seen > self.dir_limit:
+                        self._bound(source, f"more than {self.dir_limit} entries")
+                        break
+                if is_session_name(entry.name):
+                    try:
+                        st: os.stat_result | None = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        st = None
+                    if nested and st is not None:
+                        mtimes[entry.name[: -len(".jsonl")]] = st.st_mtime
+                    yield Visit("file", source, entry, st)
+                elif nested:  # deeper than --depth too: refused, with a WARNING
+                    try:
+                        if entry.is_dir(follow_symlinks=False) or entry.is_symlink():
+                            subdirs.append(entry.name)
+                    except OSError:
+                        continue
+        yield Visit("leave", source)
+        for name in subdirs:
+            if self.stop() or self.entries > self.user_limit:
+                break
+            try:
+                sub = open_subdir(source, name, self.config)
+            except Refused as e:
+                say_refused(self.limiter, source.user, source.key(name), e)
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                say_refused(
+                    self.limiter,
+                    source.user,
+                    source.key(name),
+                    Refused(f"not readable ({errno_name(e.errno)})", "other"),
+                )
+                continue
+            try:
+                st = os.fstat(sub.fd)
+                # A first-level directory (a project) is always watched; a deeper one
+                # (a session's, its subagents/) while its session is active: it or the
+                # transcript named after it changed within the window, or it is inside
+                # an active one. A project's activity is not inherited (a new session in
+                # it would make every old one count as active).
+                first = sub.level == 2
+                sub_hot = hot or self._recent(st.st_mtime) or self._recent(mtimes.get(name))
+                yield Visit("enter", sub, st=st, watch=first or sub_hot)
+                yield from self._dir(sub, self.hot if first else sub_hot)
+            finally:
+                os.close(sub.fd)
+
+    def _bound(self, source: SourceDir, what: str) -> None:
+        say_refused(
+            self.limiter,
+            source.user,
+            source.rel,
+            Refused(
+                f"{what}; the rest is not looked at in this walk (the entries listed so "
+                "far are copied; files in watched directories still land live)",
+                "bound",
+            ),
+        )

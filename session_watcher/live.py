@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
-from .homes import HomeRefused, open_home
+from .homes import HomeRefused, Walk, open_home, open_source_path, say_refused
 from .logfmt import fields
 from .ratelimit import ByteBudget, LogLimiter
 from .safefs import Refused, close_quietly, errno_name, escape, open_root_dir
@@ -46,10 +46,14 @@ def retry_delay(failing_for: float) -> float:
 @dataclass(frozen=True)
 class Wiring:
     """What the live copier calls back: the store of the moment (each full pass makes a
-    new one) and where results are counted."""
+    new one) and where results are counted; with --depth over 1, `watch_dir` watches a
+    directory a worker walked (`Watcher.add_nested`) and `no_dir` says there was nothing
+    to watch where a resumed session's directory would be (`Watcher.note_absent`)."""
 
     store: Callable[[], Store]
     count: Callable[[Result], None]
+    watch_dir: Callable[[SourceDir, os.stat_result], bool] | None = None
+    no_dir: Callable[[str, str], None] | None = None
 
 
 class LiveCopier:
@@ -82,13 +86,26 @@ class LiveCopier:
         self._ctimes_lock = threading.Lock()
 
     def submit(self, user: str, name: str, when: float | None, delay: float) -> None:
-        """From the watcher (its reader thread): quick, no I/O."""
+        """From the watcher (its reader thread): quick, no I/O. `name` is the file's path
+        relative to the sessions directory (`proj/sess.jsonl` with --depth over 1)."""
         self.queue.submit((user, name), trigger=when, delay=delay)
+
+    def submit_dir(self, user: str, rel: str, when: float | None) -> None:
+        """From the watcher: a directory `rel` below `user`'s sessions directory appeared
+        (or a resumed session's may be there): walk it, watch it, copy what is in it."""
+        self.queue.submit((user, rel, "dir"), trigger=when)
 
     def handle(self, key: Hashable, trigger: float | None) -> float | None:
         """The queue's handler: copy once; returns when to look at the key again."""
         assert isinstance(key, tuple)
         user, name = key[0], key[1]
+        if len(key) == 3:
+            try:
+                with self.guard.io(user):
+                    self._walk_dir(user, name)
+            except UserStuck:
+                return STUCK_RETRY_SECONDS
+            return None
         # A real event, or a retry of a failed copy: copy even if size and mtime match (a
         # rewrite in place of the same length with its mtime set back), unless the source's
         # ctime says it has not changed since our last copy.
@@ -148,6 +165,17 @@ class LiveCopier:
                 return None
             if source is None:
                 return None
+            rel, _, leaf = name.rpartition("/")
+            if rel:
+                try:
+                    sub = open_source_path(source, rel, cfg)
+                except Refused as e:
+                    say_refused(self.limiter, user, rel, e)
+                    return None
+                except FileNotFoundError:
+                    return None
+                os.close(source.fd)
+                source = sub
             try:
                 store_fd = store.open_root(create=True)
             except Refused as e:  # the store root swapped for a symlink: never followed
@@ -157,7 +185,7 @@ class LiveCopier:
                 cfg,
                 source,
                 user_store,
-                name,
+                leaf,
                 now=self._wall(),
                 since=trigger,
                 limiter=self.limiter,
@@ -185,6 +213,67 @@ class LiveCopier:
                 os.close(source.fd)
             close_quietly(home_fd)
 
+    def _walk_dir(self, user: str, rel: str) -> None:
+        """A worker's walk of one new (or newly active) directory below `user`'s sessions
+        directory: the same checks as a pass at every level, each directory watched before
+        it is listed (a file closed after that is an event; one closed before is listed),
+        its files handed to the queue like events (the quick check skips those in place)."""
+        cfg = self.config
+        home_fd: int | None = None
+        source: SourceDir | None = None
+        sub: SourceDir | None = None
+        try:
+            home_fd = open_root_dir(cfg.home_root)
+            try:
+                source = open_home(home_fd, user, cfg)
+            except HomeRefused:
+                return  # the pass and the rescan say so
+            if source is None:
+                return
+            try:
+                sub = open_source_path(source, rel, cfg)
+            except Refused as e:
+                say_refused(self.limiter, user, rel, e)
+                self._no_dir(user, rel)
+                return
+            except FileNotFoundError:
+                self._no_dir(user, rel)
+                return
+            watch = self.wiring.watch_dir
+            if watch is not None:
+                watch(sub, os.fstat(sub.fd))
+            for visit in Walk(cfg, self.limiter, self._wall(), hot=True).visits(sub):
+                if visit.kind == "enter" and watch is not None and visit.st is not None:
+                    watch(visit.source, visit.st)
+                elif visit.kind == "file" and visit.entry is not None and visit.st is not None:
+                    if visit.st.st_size == 0:
+                        # Just created, its writer not done: the watch is in place, so its
+                        # close is an event. Copied now, it would land empty and hold the
+                        # close's copy back by the queue's spacing.
+                        continue
+                    self.queue.submit((user, visit.source.key(visit.entry.name)))
+        except OSError as e:
+            self.limiter.log(
+                log,
+                logging.ERROR,
+                user,
+                "failed:" + errno_name(e.errno),
+                "cannot walk %s: %s",
+                escape(f"{user}/{rel}"),
+                e,
+                extra=fields(user, rel, errno=errno_name(e.errno)),
+            )
+        finally:
+            if sub is not None and sub is not source:
+                os.close(sub.fd)
+            if source is not None:
+                os.close(source.fd)
+            close_quietly(home_fd)
+
+    def _no_dir(self, user: str, rel: str) -> None:
+        if self.wiring.no_dir is not None:
+            self.wiring.no_dir(user, rel)
+
     def _remember(self, key: Hashable, result: Result) -> None:
         if result.source_id is None:
             return
@@ -211,7 +300,7 @@ class LiveCopier:
     def after_pass(self, source: SourceDir, name: str, result: Result) -> None:
         """A pass's result for one file: a failure is retried on the live timer, a held-back
         tail is looked at again when the source will be quiet."""
-        key = (source.user, name)
+        key = (source.user, source.key(name))
         self._remember(key, result)
         retry = self.retry_after(key, result)
         if retry is not None:

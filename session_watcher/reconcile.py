@@ -12,11 +12,11 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config
 from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
-from .homes import Home, is_session_name, list_homes, walk_user
+from .homes import Home, Walk, list_homes, walk_user
 from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
@@ -25,9 +25,23 @@ from .stuck import UserStuck
 # Copies of one user queued on the pass's pool at once (see _pass_user).
 _MAX_IN_FLIGHT = 64
 
-__all__ = ["PassStats", "Progress", "reconcile", "store_for"]
+__all__ = ["DirWatches", "PassStats", "Progress", "reconcile", "store_for"]
 
 log = logging.getLogger(__name__)
+
+
+class DirWatches(Protocol):
+    """What a pass tells the service's watcher about the directories below each sessions
+    directory (--depth over 1): `begin(user)` before a user's walk (a token), `visit` for
+    each directory entered (`watch`: whether it should be watched), `end` after it
+    (`complete`: the whole tree was walked, so watches of directories not visited or no
+    longer active, and older than the token, can go)."""
+
+    def begin(self, user: str) -> int: ...
+
+    def visit(self, source: SourceDir, st: os.stat_result, watch: bool) -> None: ...
+
+    def end(self, user: str, token: int, complete: bool) -> None: ...
 
 
 @dataclass
@@ -102,6 +116,7 @@ def reconcile(
     limiter: LogLimiter | None = None,
     guard: Callable[[str], AbstractContextManager[None]] | None = None,
     beat: Callable[[], None] | None = None,
+    watches: DirWatches | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
@@ -113,7 +128,8 @@ def reconcile(
     the homes are then listed up front, which costs memory per home, not per file);
     `limiter` limits log lines per user and kind (default: one per user and kind per
     minute, for this pass); `guard(user)` wraps each user's I/O (the service's stuck
-    guard: a user whose file system blocks is skipped, not waited for).
+    guard: a user whose file system blocks is skipped, not waited for); `watches` is told
+    of every directory below a sessions directory (`DirWatches`).
     """
     if limiter is None:
         limiter = LogLimiter()
@@ -170,6 +186,7 @@ def reconcile(
                             pool,
                             limiter,
                             beat,
+                            watches,
                         ):
                             stats.users_processed += 1
                 except UserStuck:
@@ -235,6 +252,7 @@ def _pass_home(
     pool: ThreadPoolExecutor | None,
     limiter: LogLimiter,
     beat: Callable[[], None] | None = None,
+    watches: DirWatches | None = None,
 ) -> bool:
     source = walk_user(home_fd, home, config, limiter)
     if source is None:
@@ -253,9 +271,23 @@ def _pass_home(
             pool,
             limiter,
             beat,
+            watches,
         )
     finally:
         os.close(source.fd)
+
+
+def _leave_store_dir(store: Store, user_store: UserStore, source: SourceDir, now: float) -> None:
+    """The pass is done with the files of `source`: temp files a crash left in its store
+    directory go, and the store directories it is done with are closed."""
+    dir_fd = user_store.cached(source.rel)
+    try:
+        if dir_fd is not None:
+            store.remove_stale_temps(dir_fd, f"{source.user}/{source.rel}", now)
+    except OSError as e:
+        log.error("store directory of %s: %s", escape(f"{source.user}/{source.rel}"), e)
+    finally:
+        user_store.forget(source.rel)
 
 
 def _sweep_other_store_dirs(store: Store, store_fd: int, visited: set[str]) -> None:
@@ -297,26 +329,36 @@ def _pass_user(
     pool: ThreadPoolExecutor | None = None,
     limiter: LogLimiter | None = None,
     beat: Callable[[], None] | None = None,
+    watches: DirWatches | None = None,
 ) -> bool:
-    """One user's files; True when the user had at least one qualifying file. `stop` is
-    checked before each file, so a service asked to stop is not held by a big home.
-    Up-to-date files are counted here, without a Result or `on_result`; the others go
-    through `sync_file`, on `pool` when there is one."""
+    """One user's files, at every level down to --depth (`homes.Walk`); True when the user
+    had at least one qualifying file. `stop` is checked before each file, so a service
+    asked to stop is not held by a big home. Up-to-date files are counted here, without a
+    Result or `on_result`; the others go through `sync_file`, on `pool` when there is one.
+    `watches` (the service's) is told of each directory below the sessions directory as
+    the walk enters it, before it is listed: a file closed in it after that is an event."""
     user_store = UserStore(store, store_fd, source.user)
     seen = False
     unusable: OSError | None = None
     skipped = 0
     pending: list[Future[None]] = []
 
-    def sync(name: str, st: os.stat_result) -> None:
+    def sync(dir_source: SourceDir, name: str, st: os.stat_result) -> None:
         if stop is not None and stop.is_set():
             return  # queued on the pool before the stop: left for the next pass
         result = sync_file(
-            config, source, user_store, name, now=now, dry_run=dry_run, lstat=st, limiter=limiter
+            config,
+            dir_source,
+            user_store,
+            name,
+            now=now,
+            dry_run=dry_run,
+            lstat=st,
+            limiter=limiter,
         )
         stats.record(result)
         if on_result is not None:
-            on_result(source, name, result)
+            on_result(dir_source, name, result)
 
     try:
         try:
@@ -335,45 +377,67 @@ def _pass_user(
                 )
             else:
                 log.error("store directory of %s: %s", escape(source.user), e)
-        with os.scandir(source.fd) as it:
-            for entry in it:
-                if stop is not None and stop.is_set():
-                    break
-                if beat is not None:
-                    beat()  # a big directory is slow, not stuck: see StuckGuard.beat
-                if not is_session_name(entry.name):
+        walk = Walk(config, limiter, now, stop=lambda: stop is not None and stop.is_set())
+        token = watches.begin(source.user) if watches is not None else 0
+        for visit in walk.visits(source):
+            if beat is not None:
+                beat()  # a big directory is slow, not stuck: see StuckGuard.beat
+            if visit.kind == "enter":
+                if watches is not None and visit.st is not None:
+                    watches.visit(visit.source, visit.st, visit.watch)
+                continue
+            if visit.kind == "leave":
+                if visit.source.rel:
+                    # Its copies use its descriptor, which the walk closes next: all of
+                    # them end first. Then the store directory's own leftovers go, and
+                    # its descriptor (the store is never held open whole).
+                    futures.wait(pending)
+                    for future in pending:
+                        future.result()
+                    pending = []
+                    _leave_store_dir(store, user_store, visit.source, now)
+                continue
+            entry, st = visit.entry, visit.st
+            assert entry is not None
+            seen = True
+            if st is None:
+                skipped += 1  # vanished: not a failure
+                continue
+            dir_source = visit.source
+            name = entry.name
+            if unusable is not None:
+                result = Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno)
+                stats.record(result)
+                if on_result is not None:
+                    on_result(dir_source, name, result)
+                continue
+            try:
+                if quick_skip(config, dir_source, user_store, name, st):
+                    skipped += 1
                     continue
-                seen = True
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    skipped += 1  # vanished: not a failure
-                    continue
-                if unusable is not None:
-                    result = Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno)
-                    stats.record(result)
-                    if on_result is not None:
-                        on_result(source, entry.name, result)
-                    continue
-                try:
-                    if quick_skip(config, source, user_store, entry.name, st):
-                        skipped += 1
-                        continue
-                except OSError:
-                    pass  # sync_file meets it again, and says what it is
-                if pool is None:
-                    sync(entry.name, st)
-                else:
-                    if len(pending) >= _MAX_IN_FLIGHT:
-                        # Bounded: a directory of 200,000 files to copy holds a few
-                        # futures at a time, not one per file.
-                        done, rest = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                        if beat is not None:
-                            beat()
-                        for future in done:
-                            future.result()
-                        pending = list(rest)
-                    pending.append(pool.submit(sync, entry.name, st))
+            except OSError:
+                pass  # sync_file meets it again, and says what it is
+            if pool is None:
+                sync(dir_source, name, st)
+            else:
+                if len(pending) >= _MAX_IN_FLIGHT:
+                    # Bounded: a directory of 200,000 files to copy holds a few
+                    # futures at a time, not one per file.
+                    done, rest = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    if beat is not None:
+                        beat()
+                    for future in done:
+                        future.result()
+                    pending = list(rest)
+                pending.append(pool.submit(sync, dir_source, name, st))
+        if watches is not None:
+            complete = not (stop is not None and stop.is_set()) and walk.entries <= walk.user_limit
+            watches.end(source.user, token, complete)
+            if not dry_run:
+                # The service's nested store: its usage measured here, on the walker,
+                # not by the user's first live copy (see Store.inherit).
+                futures.wait(pending)
+                store.measure(source.user, user_store.fd(create=False))
     except OSError as e:
         log.error("could not list sessions of %s: %s", escape(source.user), e)
     finally:

@@ -121,16 +121,28 @@ class Service:
             interval=config.reconcile_interval,
             clock=clock,
         )
+        nested = config.depth > 1
         self.live = LiveCopier(
             config,
-            Wiring(store=lambda: self.store, count=self._count),
+            Wiring(
+                store=lambda: self.store,
+                count=self._count,
+                watch_dir=(lambda s, st: self.watcher.add_nested(s, st)) if nested else None,
+                no_dir=(lambda u, r: self.watcher.note_absent(u, r)) if nested else None,
+            ),
             self.guard,
             self.limiter,
             clock=clock,
             on_shed=self._on_shed,
         )
         self.queue = self.live.queue
-        self.watcher = Watcher(config, self.live.submit, self._on_change, self._on_overflow)
+        self.watcher = Watcher(
+            config,
+            self.live.submit,
+            self._on_change,
+            self._on_overflow,
+            on_dir=self.live.submit_dir if nested else None,
+        )
         self.watchset = WatchSet(
             config, self.watcher, self.guard.io, self.limiter, self.walker.request_pass
         )
@@ -235,9 +247,18 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            store = store_for(self.config, limiter=self.limiter)
-            store.carry_over(self.store)  # a quota episode goes on: no second WARNING
-            self.store = store
+            # A quota episode goes on across passes (no second WARNING).
+            self.store = store_for(self.config, limiter=self.limiter).inherit(self.store)
+            if self.config.depth > 1 and not self._first_pass.is_set():
+                # A nested layout is ready once every project directory is watched: its
+                # first pass (1,000 users x 30 projects: 1.5 million files) goes on after
+                # READY=1, watching active sessions as it walks them.
+                n = self.watchset.watch_first_level(self._stop.is_set)
+                if not self._stop.is_set():
+                    self._ready(
+                        f"ready: watching {self.watcher.count()} users and {n} directories "
+                        "below theirs (the first pass goes on)"
+                    )
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
@@ -247,17 +268,21 @@ class Service:
             limiter=self.limiter,
             guard=self.guard.io,
             beat=self.guard.beat,
+            watches=self.watcher if self.config.depth > 1 else None,
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set() and not self._stop.is_set():
-            self.watchset.started = True
-            log.info(
-                "ready: watching %d users (%d files copied at start)",
-                self.watcher.count(),
-                stats.files_copied,
+            self._ready(
+                f"ready: watching {self.watcher.count()} users and "
+                f"{self.watcher.nested_count()} directories below theirs "
+                f"({stats.files_copied} files copied at start)"
             )
-            self._first_pass.set()
-            self._wake.set()
+
+    def _ready(self, line: str) -> None:
+        self.watchset.started = True
+        log.info("%s", line)
+        self._first_pass.set()
+        self._wake.set()
 
     def _on_pass_result(self, source: SourceDir, name: str, result: Result) -> None:
         self.reporter.count(result)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .copy import is_up_to_date, refusal
-from .homes import HomeRefused, is_session_name, list_homes, open_sessions_dir
+from .copy import SourceDir, is_up_to_date, refusal
+from .homes import HomeRefused, Walk, list_homes, open_sessions_dir
 from .logfmt import utf8_text
+from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_root_dir
 from .state import age, read_state
 from .store import Store, UserStore
@@ -183,20 +184,23 @@ def _scan_user(
     except OSError as e:  # a symlink planted in the store: never followed
         us.problem = f"store directory: {e.strerror or e}"
         store_ok = False
+    source = SourceDir(us.user, uid, dir_fd)
     try:
-        with os.scandir(dir_fd) as it:
-            for entry in it:
-                if not is_session_name(entry.name):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)  # lstat: the file is never opened
-                except FileNotFoundError:
-                    continue
-                tgt = user_store.lstat(entry.name) if store_ok else None
-                state = classify(st, tgt, uid, config.max_file_bytes)
-                us.add(state, st.st_mtime)
-                if state in ("missing", "stale"):
-                    report.unsynced.append(Unsynced(us.user, entry.name, state, st.st_mtime))
+        # The pass's walk, at every level down to --depth, with its checks; a refused
+        # directory is logged (WARNING) by the walk and not looked into.
+        for visit in Walk(config, LogLimiter()).visits(source):
+            if visit.kind != "file" or visit.st is None or visit.entry is None:
+                continue
+            st = visit.st  # lstat: the file is never opened
+            key = visit.source.key(visit.entry.name)
+            try:
+                tgt = user_store.lstat(key) if store_ok else None
+            except OSError:
+                tgt = None  # a symlink planted in the store: never followed, so missing
+            state = classify(st, tgt, uid, config.max_file_bytes)
+            us.add(state, st.st_mtime)
+            if state in ("missing", "stale"):
+                report.unsynced.append(Unsynced(us.user, key, state, st.st_mtime))
     except OSError as e:
         us.problem = f"cannot list the sessions directory: {e.strerror or e}"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .config import Config
 from .logfmt import fields
 from .ratelimit import LogLimiter
-from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
+from .safefs import DIR_FLAGS, Refused, close_quietly, escape, open_dir_at, open_root_dir
 
 __all__ = [
     "TEMP_PREFIX",
@@ -86,9 +86,26 @@ def over_quota(usage: Usage, grow: int, new_file: bool, config: Config) -> tuple
     return None
 
 
-def measure_usage(dir_fd: int) -> Usage:
-    """One scan of a user's store directory (lstat of each entry, nothing opened)."""
+def measure_usage(dir_fd: int, depth: int = 1) -> Usage:
+    """One scan of a user's store directory (lstat of each entry, nothing opened but the
+    directories below it, down to `depth` levels, each relative to its parent and never
+    through a symlink): a nested layout's files count like flat ones.
+
+    The scan reads through a descriptor of its own: `os.scandir(fd)` reads through a dup,
+    which shares the directory offset with `dir_fd`, so two threads listing one shared
+    descriptor at once (a pass's copy threads, each measuring) would each see part of it
+    and count too little."""
     usage = Usage()
+    own = os.open(".", DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        _measure(own, depth, usage)
+    finally:
+        os.close(own)
+    return usage
+
+
+def _measure(dir_fd: int, depth: int, usage: Usage) -> None:
+    subdirs: list[str] = []
     with os.scandir(dir_fd) as it:
         for entry in it:
             if is_temp_name(entry.name):
@@ -100,7 +117,17 @@ def measure_usage(dir_fd: int) -> Usage:
             if stat.S_ISREG(st.st_mode):
                 usage.nbytes += st.st_size
                 usage.files += 1
-    return usage
+            elif depth > 1 and stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+    for name in subdirs:
+        try:
+            fd, _ = open_dir_at(dir_fd, name)
+        except (Refused, OSError):
+            continue  # gone, or a symlink: never followed
+        try:
+            _measure(fd, depth - 1, usage)
+        finally:
+            os.close(fd)
 
 
 class Store:
@@ -129,6 +156,7 @@ class Store:
         self._usage: dict[str, Usage] = {}
         self._usage_lock = threading.Lock()
         self._over: set[str] = set()
+        self._measure_locks = tuple(threading.Lock() for _ in range(64))
 
     def reserve(
         self, user: str, dir_fd: int | None, grow: int, new_file: bool
@@ -138,10 +166,18 @@ class Store:
         cannot both squeeze under the limit."""
         with self._usage_lock:
             usage = self._usage.get(user)
-        if usage is None:  # measured outside the lock: one user's big directory holds nobody
-            measured = Usage() if dir_fd is None else measure_usage(dir_fd)
-            with self._usage_lock:
-                usage = self._usage.setdefault(user, measured)
+        if usage is None:
+            # Measured outside the usage lock (one user's big directory holds nobody else)
+            # but under the user's own, so that concurrent first copies measure once.
+            with self._measure_lock(user):
+                with self._usage_lock:
+                    usage = self._usage.get(user)
+                if usage is None:
+                    measured = (
+                        Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
+                    )
+                    with self._usage_lock:
+                        usage = self._usage.setdefault(user, measured)
         with self._usage_lock:
             why = over_quota(usage, grow, new_file, self.config)
             if why is None:
@@ -169,12 +205,36 @@ class Store:
                 )
             return why
 
-    def carry_over(self, previous: Store) -> None:
-        """Take on who is over their limits from the store this one replaces (the service
-        makes a new Store with every full pass): an episode goes on across passes, and
-        gets no second WARNING; a user's next copy that fits ends it."""
+    def _measure_lock(self, user: str) -> threading.Lock:
+        # Striped: bounded memory whatever the number of users.
+        return self._measure_locks[hash(user) % len(self._measure_locks)]
+
+    def inherit(self, old: Store) -> Store:
+        """Carry over who is over their limit from the Store this one replaces (each full
+        pass makes a new Store, which measures usage afresh), so that `status` keeps
+        showing them and the episode's WARNING is not repeated."""
+        with old._usage_lock:
+            over = set(old._over)
+            usage = {u: Usage(v.nbytes, v.files) for u, v in old._usage.items()}
         with self._usage_lock:
-            self._over |= set(previous.over_quota())
+            self._over |= over
+            if self.config.depth > 1:
+                # A nested store is thousands of directories per user: measured once (by
+                # the first pass, `measure`), then kept up to date by every copy, not
+                # measured again by every pass (nor by a user's first live copy).
+                for u, v in usage.items():
+                    self._usage.setdefault(u, v)
+        return self
+
+    def measure(self, user: str, dir_fd: int | None) -> None:
+        """Measure `user`'s store usage now unless known (the service's passes call it as
+        they finish a user with a nested layout: a live copy then never waits for it)."""
+        with self._usage_lock:
+            if user in self._usage:
+                return
+        measured = Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
+        with self._usage_lock:
+            self._usage.setdefault(user, measured)
 
     def over_quota(self) -> list[str]:
         with self._usage_lock:
@@ -210,12 +270,12 @@ class Store:
                     log.warning(
                         "store directory %s: asked for mode %04o, got %04o "
                         "(setting the setgid bit needs CAP_FSETID)",
-                        what,
+                        escape(what),
                         self.config.dir_mode,
                         got,
                     )
             elif not created:
-                log.info("store directory %s: set mode %04o, gid %d", what, got, want_gid)
+                log.info("store directory %s: set mode %04o, gid %d", escape(what), got, want_gid)
 
     def open_root(self, *, create: bool) -> int | None:
         """Descriptor of the store root, created (with its parents) when missing and allowed."""
@@ -241,7 +301,7 @@ class Store:
             raise
         if not self.dry_run:
             try:
-                self._adopt(fd, os.fstat(fd), escape(str(target)), created=created)
+                self._adopt(fd, os.fstat(fd), str(target), created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -251,25 +311,32 @@ class Store:
         """Descriptor of `<store>/<user>`; None when it does not exist and may not be made.
 
         A symlink planted in its place raises Refused: it is never followed or replaced."""
+        return self.open_dir(root_fd, user, user, create=create)
+
+    def open_dir(self, parent_fd: int, name: str, label: str, *, create: bool) -> int | None:
+        """Descriptor of the store directory `name` in `parent_fd` (`label`: its path for
+        the log), made with the store's mode and group when missing and `create`; None
+        when it does not exist and may not be made. A symlink or a file in its place
+        raises Refused: it is never followed or replaced."""
         try:
-            fd, st = open_dir_at(root_fd, user)
+            fd, st = open_dir_at(parent_fd, name)
         except FileNotFoundError:
             if self.dry_run or not create:
                 return None
             created = False
             with self._mkdir_lock:
                 try:
-                    os.mkdir(user, 0o700, dir_fd=root_fd)
+                    os.mkdir(name, 0o700, dir_fd=parent_fd)
                     created = True
-                    log.info("created store directory %s", escape(user))
+                    log.info("created store directory %s", escape(label))
                 except FileExistsError:
                     pass
-                fd, st = open_dir_at(root_fd, user)
+                fd, st = open_dir_at(parent_fd, name)
         else:
             created = False
         if not self.dry_run:
             try:
-                self._adopt(fd, st, escape(user), created=created)
+                self._adopt(fd, st, label, created=created)
             except OSError:
                 os.close(fd)
                 raise
@@ -319,7 +386,12 @@ def _temp_in_use(dir_fd: int, name: str) -> bool:
 
 class UserStore:
     """One user's store directory, opened lazily: a no-op pass over a user whose store
-    directory already exists opens it once; a dry run never creates it."""
+    directory already exists opens it once; a dry run never creates it.
+
+    Keys are paths relative to it: `name.jsonl` (the flat layout) or, with `--depth` over
+    1, `proj/sess/subagents/agent-x.jsonl`. The directories of a key are opened (and made,
+    for a copy) one component at a time relative to the one above, never through a
+    symlink (`parent`); their descriptors are kept until `forget` or `close`."""
 
     def __init__(self, store: Store, root_fd: int | None, user: str) -> None:
         self.store = store
@@ -328,6 +400,8 @@ class UserStore:
         self._fd: int | None = None
         self._looked = False
         self._lock = threading.Lock()  # a pass's copy threads share one UserStore
+        # rel dir -> its descriptor, for the directories below the user directory.
+        self._dirs: dict[str, int] = {}
 
     def fd(self, *, create: bool) -> int | None:
         fd = self._fd
@@ -344,12 +418,61 @@ class UserStore:
                     raise OSError(errno.ELOOP, f"store directory is {e.reason}") from None
             return self._fd
 
+    def parent(self, key: str, *, create: bool) -> tuple[int | None, str]:
+        """(descriptor of the directory that holds `key`, the key's last component). The
+        descriptor is None when a directory on the way does not exist (and `create` is
+        false, or this is a dry run). A symlink (or a file) where a directory should be
+        raises OSError ELOOP: never followed, never replaced."""
+        rel, _, leaf = key.rpartition("/")
+        fd = self.fd(create=create)
+        if not rel or fd is None:
+            return fd, leaf
+        with self._lock:
+            cached = self._dirs.get(rel)
+            if cached is not None:
+                return cached, leaf
+            parts = rel.split("/")
+            at, start = fd, 0
+            for i in range(len(parts) - 1, 0, -1):  # the nearest directory above, if open
+                above = self._dirs.get("/".join(parts[:i]))
+                if above is not None:
+                    at, start = above, i
+                    break
+            for i in range(start, len(parts)):
+                done = "/".join(parts[: i + 1])
+                try:
+                    nxt = self.store.open_dir(at, parts[i], f"{self.user}/{done}", create=create)
+                except Refused as e:
+                    raise OSError(
+                        errno.ELOOP, f"store directory {escape(done)} is {e.reason}"
+                    ) from None
+                if nxt is None:
+                    return None, leaf  # not remembered: a copy may make it any time
+                self._dirs[done] = at = nxt
+            return at, leaf
+
+    def cached(self, rel: str) -> int | None:
+        """The descriptor kept for the store directory `rel`, if one was opened."""
+        with self._lock:
+            return self._dirs.get(rel)
+
+    def forget(self, rel: str) -> None:
+        """Close the descriptors kept for store directories other than `rel` and those
+        above it: a pass walking depth first is done with them (a user's store is never
+        held open whole; at most --depth descriptors stay)."""
+        keep = (
+            {"/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 2)} if rel else set()
+        )
+        with self._lock:
+            for key in [k for k in self._dirs if k not in keep]:
+                close_quietly(self._dirs.pop(key))
+
     def lstat(self, name: str) -> os.stat_result | None:
-        fd = self.fd(create=False)
+        fd, leaf = self.parent(name, create=False)
         if fd is None:
             return None
         try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return os.stat(leaf, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
@@ -362,6 +485,10 @@ class UserStore:
         self.store.release(self.user, grow, new_file)
 
     def close(self) -> None:
+        with self._lock:
+            for dir_fd in self._dirs.values():
+                close_quietly(dir_fd)
+            self._dirs.clear()
         close_quietly(self._fd)
         self._fd = None
         self._looked = False

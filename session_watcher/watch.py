@@ -29,14 +29,16 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from watchdog.observers.inotify_c import CallbackId, InotifyEvent, InotifyFD, WatchDescriptor
+from watchdog.observers.inotify_c import InotifyConstants as C
 
 from .config import Config
+from .copy import SourceDir
 from .episode import Episode
 from .events import CREATED_DELAY, ROOT_MASK, SESSIONS_MASK, Action, root_action, sessions_action
 from .logfmt import fields
 from .safefs import errno_name, escape
 
-__all__ = ["USER_READERS", "Watcher", "reader_index"]
+__all__ = ["NESTED_WATCH_LIMIT", "USER_READERS", "Watcher", "reader_index"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,16 @@ log = logging.getLogger(__name__)
 USER_READERS = 4
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
+
+# With --depth over 1: watches one user may hold below their sessions directory (every
+# project directory, and the session and subagents/ directories of active sessions). Past
+# it, the user's further directories are served like any directory that cannot be watched:
+# a pass over the user every 30 s (one WARNING per episode), never a watch more.
+NESTED_WATCH_LIMIT = 2_000
+# (user, rel) pairs remembered as "asked for, nothing to watch there" (a session without a
+# directory of its own); past this many the memory starts again (a few more walks).
+_ABSENT_MEMORY = 100_000
+_DIR_EVENT = C.IN_CREATE | C.IN_MOVED_TO
 
 
 def reader_index(user: str, readers: int = USER_READERS) -> int:
@@ -61,6 +73,8 @@ class UserWatch:
     reader: _Reader
     wd: WatchDescriptor
     cid: CallbackId
+    rel: str = ""  # a directory below the sessions directory (--depth over 1)
+    gen: int = 0  # when it was added, for `end` (a pass prunes only what it could see)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +149,13 @@ class Watcher:
         on_overflow: Callable[[set[str] | None], None],
         *,
         readers: int = USER_READERS,
+        on_dir: Callable[[str, str, float | None], None] | None = None,
     ) -> None:
         self.config = config
         self._on_file = on_file
         self._on_change = on_change
         self._on_overflow = on_overflow
+        self._on_dir = on_dir
         self._lock = threading.Lock()
         self._readers = [_Reader(self, str(i)) for i in range(readers)]
         self._root_reader = _Reader(self, "root")
@@ -158,6 +174,14 @@ class Watcher:
         self._degraded = Episode()  # directories that could not be watched
         self._stopping = False
         self._guard_failed = False
+        # --depth over 1: user -> rel -> watch of a directory below the sessions directory.
+        self._nested: dict[str, dict[str, UserWatch]] = {}
+        self._gens = itertools.count(1)
+        self._visiting: dict[str, set[str]] = {}  # user -> rels a pass kept watched
+        self._pass_failed: set[str] = set()  # users whose pass could not add a watch
+        self._nested_failed: set[str] = set()  # users with a directory not watched
+        self._absent: set[tuple[str, str]] = set()
+        self._user_locks = tuple(threading.Lock() for _ in range(64))
         self._root_failing = False  # the home root's watch: one WARNING until it works
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -289,14 +313,171 @@ class Watcher:
         return True
 
     def remove(self, user: str) -> None:
-        """Stop watching `user` (control thread)."""
+        """Stop watching `user`, at every level (control thread)."""
         with self._lock:
             uw = self._by_user.pop(user, None)
             self._idents.pop(user, None)
             if uw is not None and uw.reader.watches.get(uw.wd) is uw:
                 del uw.reader.watches[uw.wd]
-        if uw is not None and uw.reader.fd is not None:
+            nested = list(self._nested.pop(user, {}).values())
+            for nw in nested:
+                if nw.reader.watches.get(nw.wd) is nw:
+                    del nw.reader.watches[nw.wd]
+            self._nested_failed.discard(user)
+        for w in [*([] if uw is None else [uw]), *nested]:
+            if w.reader.fd is not None:
+                self._remove_callback(w.reader.fd, w.wd, w.cid, w.path)
+
+    # --- directories below the sessions directory (--depth over 1) -------------------------
+
+    def nested_count(self) -> int:
+        """Watches below the sessions directories, all users."""
+        with self._lock:
+            return sum(len(d) for d in self._nested.values())
+
+    def nested_failed(self) -> set[str]:
+        """Users with a directory below their sessions directory that could not be
+        watched: served by a pass every 30 s until a pass watches them all."""
+        with self._lock:
+            return set(self._nested_failed)
+
+    def watching(self, user: str, rel: str) -> bool:
+        with self._lock:
+            return rel in self._nested.get(user, {})
+
+    def add_nested(self, source: SourceDir, st: os.stat_result) -> bool:
+        """Watch the directory `source` (below a sessions directory, walked and checked by
+        `homes.open_subdir`), whose fstat is `st`. True when it is watched (already, or
+        now); False when it cannot be: one WARNING per episode (the watch limit, EMFILE,
+        NESTED_WATCH_LIMIT), and the user is served by a pass every 30 s meanwhile."""
+        user, rel = source.user, source.rel
+        ident = (st.st_dev, st.st_ino)
+        path = os.path.join(self.sessions_path(user), *rel.split("/"))
+        reader = self._readers[reader_index(user, len(self._readers))]
+        with self._user_locks[reader_index(user, len(self._user_locks))]:
+            with self._lock:
+                mine = self._nested.get(user, {})
+                cur = mine.get(rel)
+                over = cur is None and len(mine) >= NESTED_WATCH_LIMIT
+            if cur is not None and cur.ident == ident and cur.reader.alive():
+                return True
+            self.reap()
+            if cur is not None:
+                self._remove_nested(cur)
+            if over:
+                self._nested_failure(
+                    user,
+                    path,
+                    OSError(errno.ENOSPC, f"over {NESTED_WATCH_LIMIT} watches for one user"),
+                )
+                return False
+            cid = CallbackId(next(self._ids))
+            try:
+                fd = reader.open()
+                if not fd.is_alive():
+                    raise RuntimeError(f"inotify reader {reader.name} has stopped")
+                wd = _checked(
+                    fd, fd.add_callback(os.fsencode(path), SESSIONS_MASK, reader, cid), cid
+                )
+            except Exception as e:  # never fatal: the scan fallback serves the directory
+                self._nested_failure(user, path, e)
+                return False
+            uw = UserWatch(user, path, ident, reader, wd, cid, rel, next(self._gens))
+            with self._lock:
+                other = reader.watches.get(wd)
+                if other is None:
+                    reader.watches[wd] = uw
+                    self._nested.setdefault(user, {})[rel] = uw
+            if other is not None:
+                # The same inode under another name (a hard-linked directory cannot be;
+                # a bind mount or a rename race can): its events go to the first only.
+                self._remove_callback(fd, wd, cid, path)
+                self._nested_failure(user, path, OSError(f"same directory as {escape(other.path)}"))
+                return False
+            log.debug("watching %s", escape(path))
+            return True
+
+    def begin(self, user: str) -> int:
+        """A pass starts walking `user`'s tree (see reconcile.DirWatches)."""
+        with self._lock:
+            self._visiting[user] = set()
+            self._pass_failed.discard(user)
+        return next(self._gens)
+
+    def visit(self, source: SourceDir, st: os.stat_result, watch: bool) -> None:
+        if not watch:
+            return
+        if self.add_nested(source, st):
+            with self._lock:
+                self._visiting.setdefault(source.user, set()).add(source.rel)
+        else:
+            with self._lock:
+                self._pass_failed.add(source.user)
+
+    def end(self, user: str, token: int, complete: bool) -> None:
+        """A pass walked `user`'s tree: when it saw all of it, watches of directories it
+        did not keep (gone, or their session no longer active) and older than `token` go;
+        a user whose every directory was watched is no longer served by a scan."""
+        with self._lock:
+            kept = self._visiting.pop(user, set())
+            failed = user in self._pass_failed
+            self._pass_failed.discard(user)
+            old = [
+                w
+                for rel, w in self._nested.get(user, {}).items()
+                if rel not in kept and w.gen < token
+            ]
+        if complete:
+            for w in old:
+                self._remove_nested(w)
+        if complete and not failed:
+            with self._lock:
+                was = user in self._nested_failed
+                self._nested_failed.discard(user)
+            if was and self._degraded.ok(user):
+                self._recovered()
+
+    def _nested_failure(self, user: str, path: str, e: Exception) -> None:
+        with self._lock:
+            self._nested_failed.add(user)
+            self._pass_failed.add(user)
+        self._failed(user, path, e)
+
+    def _remove_nested(self, uw: UserWatch) -> None:
+        with self._lock:
+            mine = self._nested.get(uw.user, {})
+            if mine.get(uw.rel) is uw:
+                del mine[uw.rel]
+            if uw.reader.watches.get(uw.wd) is uw:
+                del uw.reader.watches[uw.wd]
+            self._absent.discard((uw.user, uw.rel))
+        if uw.reader.fd is not None:
             self._remove_callback(uw.reader.fd, uw.wd, uw.cid, uw.path)
+
+    def _drop_nested(self, uw: UserWatch, *, stale: bool) -> None:
+        """Forget a nested watch whose directory went or moved away, and those below it
+        (reader thread too: dict work only). `stale`: callbacks still registered."""
+        with self._lock:
+            mine = self._nested.get(uw.user, {})
+            if mine.get(uw.rel) is not uw:
+                return
+            prefix = uw.rel + "/"
+            gone = [w for r, w in mine.items() if r == uw.rel or r.startswith(prefix)]
+            for w in gone:
+                del mine[w.rel]
+                if w.reader.watches.get(w.wd) is w:
+                    del w.reader.watches[w.wd]
+                self._absent.discard((w.user, w.rel))
+                if stale or w is not uw:
+                    self._stale.append(w)
+
+    def note_absent(self, user: str, rel: str) -> None:
+        """Nothing to watch at `rel` (no such directory, or refused): a close of the
+        transcript named after it does not ask again, until a directory is made there."""
+        with self._lock:
+            if len(self._absent) >= _ABSENT_MEMORY:
+                self._absent.clear()
+            self._absent.add((user, rel))
 
     def settle(self, degraded: Collection[str]) -> None:
         """The users the caller still serves by scan (those whose home went or whose
@@ -319,7 +500,10 @@ class Watcher:
         with self._lock:
             stale, self._stale = self._stale, []
         for uw in stale:
-            log.info("sessions directory of %s went or changed; unwatching it", escape(uw.user))
+            if uw.rel:
+                log.debug("%s went or moved; unwatching it", escape(uw.path))
+            else:
+                log.info("sessions directory of %s went or changed; unwatching it", escape(uw.user))
             if uw.reader.fd is not None:
                 self._remove_callback(uw.reader.fd, uw.wd, uw.cid, uw.path)
 
@@ -363,6 +547,13 @@ class Watcher:
             del self._idents[uw.user]
             if stale:
                 self._stale.append(uw)
+            # The watches below it go with it (moved away, they would follow the old
+            # tree): the rescan that follows watches the sessions directory there now,
+            # and the pass it asks for watches what is below it.
+            for nw in self._nested.pop(uw.user, {}).values():
+                if nw.reader.watches.get(nw.wd) is nw:
+                    del nw.reader.watches[nw.wd]
+                self._stale.append(nw)
         return True
 
     # --- events (reader threads) ----------------------------------------------------------
@@ -387,15 +578,49 @@ class Watcher:
         if uw is None:  # dropped, or an event still queued for a removed watch
             return
         name = os.fsdecode(event.name)
+        nested = self.config.depth > 1
+        if nested and name and event.mask & C.IN_ISDIR and event.mask & _DIR_EVENT:
+            # A directory made or renamed in (a project, a session, subagents/): walked
+            # and watched by a worker, its files copied; refused ones are one WARNING.
+            if self._on_dir is not None:
+                rel = f"{uw.rel}/{name}" if uw.rel else name
+                with self._lock:
+                    self._absent.discard((uw.user, rel))
+                self._on_dir(uw.user, rel, time.time())
+            return
         action = sessions_action(event.mask, name)
+        key = f"{uw.rel}/{name}" if uw.rel else name
         if action is Action.COPY_NOW:
-            self._on_file(uw.user, name, time.time(), 0.0)
+            self._on_file(uw.user, key, time.time(), 0.0)
+            if nested:
+                self._resumed(uw, name)
         elif action is Action.COPY_LATER:
-            self._on_file(uw.user, name, None, CREATED_DELAY)
+            self._on_file(uw.user, key, None, CREATED_DELAY)
+        elif action is Action.GONE and uw.rel:
+            # Below the sessions directory: deleted (its parent's watch sees a new one
+            # made), or renamed (its parent's watch sees the new name): no rescan.
+            self._drop_nested(uw, stale=True)
         elif action is Action.GONE and self._drop(uw, stale=True):
             # Deleted (IN_IGNORED follows) or moved away (its watch follows the old inode
             # under the old name): whatever is at that path now is watched afresh.
             self._on_change()
+
+    def _resumed(self, uw: UserWatch, name: str) -> None:
+        """A transcript was written: if the session has a directory of its own beside it
+        (`<session>/subagents/`) that is not watched (an old session, resumed), a worker
+        walks and watches it now."""
+        level = uw.rel.count("/") + 2 if uw.rel else 1
+        if self._on_dir is None or level + 1 > self.config.depth:
+            return
+        stem = name[: -len(".jsonl")]
+        rel = f"{uw.rel}/{stem}" if uw.rel else stem
+        with self._lock:
+            if rel in self._nested.get(uw.user, {}) or (uw.user, rel) in self._absent:
+                return
+            if len(self._absent) >= _ABSENT_MEMORY:
+                self._absent.clear()
+            self._absent.add((uw.user, rel))  # asked once; the walk watches it if it is there
+        self._on_dir(uw.user, rel, None)
 
     def _on_root_event(self, event: InotifyEvent) -> None:
         with self._lock:
@@ -421,7 +646,9 @@ class Watcher:
             self._on_change()
             return
         uw = reader.watches.get(wd)
-        if uw is not None and self._drop(uw, stale=False):
+        if uw is not None and uw.rel:
+            self._drop_nested(uw, stale=False)
+        elif uw is not None and self._drop(uw, stale=False):
             self._on_change()
 
     def _on_queue_overflow(self, reader: _Reader) -> None:

@@ -13,10 +13,19 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 
 from .config import Config
-from .homes import Home, HomeRefused, home_qualifies, list_homes, open_sessions_dir
+from .homes import (
+    DIR_ENTRY_LIMIT,
+    Home,
+    HomeRefused,
+    home_qualifies,
+    list_homes,
+    open_home,
+    open_sessions_dir,
+    open_subdir,
+)
 from .logfmt import fields
 from .ratelimit import LogLimiter
-from .safefs import errno_name, escape, open_root_dir
+from .safefs import Refused, errno_name, escape, open_root_dir
 from .stuck import UserStuck
 from .watch import Watcher
 
@@ -49,7 +58,13 @@ class WatchSet:
         self.started = False  # before the first pass, new homes need no pass of their own
 
     def degraded(self) -> list[str]:
-        return sorted(self.watcher.sessions_path(u) for u in list(self._degraded))
+        users = set(self._degraded) | self.watcher.nested_failed()
+        return sorted(self.watcher.sessions_path(u) for u in users)
+
+    def _still_degraded(self) -> set[str]:
+        """Users served by a scan: their sessions directory, or one below it (--depth over
+        1), could not be watched. One episode covers both (one WARNING, one INFO)."""
+        return self._degraded | self.watcher.nested_failed()
 
     def rescan(self, *, full: bool, users: set[str] | None = None) -> None:
         """Bring the set of watches in line with the homes on disk.
@@ -101,7 +116,7 @@ class WatchSet:
             else:
                 self._degraded.add(user)
             new_users.add(user)
-        self.watcher.settle(self._degraded)
+        self.watcher.settle(self._still_degraded())
         if new_users and self.started:
             self._request_pass(new_users)  # copy what is already there
 
@@ -194,9 +209,65 @@ class WatchSet:
             )
             return None
 
+    def watch_first_level(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """With --depth over 1: watch every first-level directory (a project) of every
+        watched user, without listing any file: what must be watched before READY=1, so
+        that a transcript closed in any project from then on is an event. The session and
+        subagents/ directories of active sessions are watched by the first pass, which
+        goes on after READY=1 (and each of them as soon as its session is written to).
+        Refusals are left for that pass to say. Returns the directories watched."""
+        n = 0
+        home_fd = open_root_dir(self.config.home_root)
+        try:
+            for user in self.watcher.users():
+                if stop():
+                    break
+                try:
+                    with self._guard(user):
+                        n += self._watch_first_level(home_fd, user)
+                except UserStuck:
+                    continue
+                except (HomeRefused, OSError) as e:
+                    log.debug("first-level watches of %s: %s", escape(user), e)
+        finally:
+            os.close(home_fd)
+        return n
+
+    def _watch_first_level(self, home_fd: int, user: str) -> int:
+        source = open_home(home_fd, user, self.config)
+        if source is None:
+            return 0
+        n = 0
+        try:
+            with os.scandir(source.fd) as it:
+                names = []
+                for i, entry in enumerate(it):
+                    if i >= DIR_ENTRY_LIMIT:
+                        break
+                    if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                        names.append(entry.name)
+            for name in names:
+                try:
+                    sub = open_subdir(source, name, self.config)
+                except (Refused, OSError):
+                    continue
+                try:
+                    if self.watcher.add_nested(sub, os.fstat(sub.fd)):
+                        n += 1
+                finally:
+                    os.close(sub.fd)
+        finally:
+            os.close(source.fd)
+        return n
+
     def retry_degraded(self) -> None:
-        """Try to watch the degraded directories again; scan the ones that still fail."""
+        """Try to watch the degraded directories again; scan the ones that still fail.
+        Users with a directory below their sessions directory not watched get a pass,
+        which tries to watch it again as it walks (and copies what the watch missed)."""
+        nested = self.watcher.nested_failed()
         if not self._degraded:
+            if nested:
+                self._request_pass(nested)
             return
         users = set(self._degraded)
         home_fd = open_root_dir(self.config.home_root)
@@ -219,6 +290,6 @@ class WatchSet:
                     self._degraded.discard(user)
         finally:
             os.close(home_fd)
-        self.watcher.settle(self._degraded)
+        self.watcher.settle(self._still_degraded())
         # Those now watched get one pass to catch up, those still degraded their scan.
-        self._request_pass(users)
+        self._request_pass(users | nested)

@@ -336,3 +336,35 @@ def test_copy_lines_are_one_a_minute_per_user_at_info(
     assert len(copied) == 60
     infos = sorted(getattr(r, "user", "") for r in copied if r.levelno == logging.INFO)
     assert infos == ["alice", "bob"]
+
+
+def test_concurrent_first_copies_measure_the_users_store_once_and_whole(tmp_path: Path) -> None:
+    # A pass's copy threads share one descriptor of the user's store directory; listing it
+    # from two threads at once (os.scandir reads through a dup, which shares the offset)
+    # gave each part of it, and the user slipped past their file limit.
+    user_dir = tmp_path / "store" / "alice"
+    user_dir.mkdir(parents=True)
+    for i in range(2000):
+        (user_dir / f"s{i}.jsonl").write_bytes(LINE)
+    config = Config(target=tmp_path / "store", max_user_files=10**6)
+    for _ in range(5):
+        store = Store(config, None)
+        fd = os.open(user_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            start = threading.Barrier(8)
+
+            def first_copy(
+                store: Store = store, fd: int = fd, start: threading.Barrier = start
+            ) -> None:
+                start.wait()
+                assert store.reserve("alice", fd, len(LINE), True) is None
+
+            threads = [threading.Thread(target=first_copy) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            usage = store.usage("alice")
+            assert usage is not None and usage.files == 2000 + 8
+        finally:
+            os.close(fd)
