@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from .config import Config
 from .logfmt import fields
+from .objstore import ObjectUserStore
 from .ratelimit import LogLimiter
 from .safefs import FILE_FLAGS, Refused, errno_name, escape
 from .store import TEMP_PREFIX, TEMP_SUFFIX, UserStore
@@ -114,6 +115,7 @@ REFUSAL_KINDS = (
     "hardlink",
     "mount",
     "quota",
+    "key",  # the object store cannot hold the name's key (too long, not UTF-8)
     "home",
     "other",
 )
@@ -506,6 +508,12 @@ def _sync_once(
             return Result(Outcome.SKIPPED, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
         old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
         grow, new_file = length - (old_size or 0), old_size is None
+        if not dry_run:
+            # The store's own pacing (an object store batches a growing file's versions);
+            # it may also refuse a name it cannot hold (kind "key").
+            later = store.due(name, st, tgt, now)
+            if later is not None:
+                return Result(Outcome.SKIPPED, recheck_at=later, ctime_ns=None)
         if admit is not None and not dry_run:
             wait = admit(length)
             if wait > 0:  # over the user's byte budget: this version goes in a little later
@@ -539,7 +547,10 @@ def _sync_once(
             log.info("would copy %s (%d bytes)", _label(source, name), length)
             return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
         try:
-            _install(config, source, store, name, fd, st, length)
+            if isinstance(store, ObjectUserStore):
+                store.install(name, fd, st, length, lambda: _verify(source, name, fd, st, length))
+            else:
+                _install(config, source, store, name, fd, st, length)
         except BaseException:
             store.release(grow, new_file=new_file)
             raise
@@ -550,6 +561,19 @@ def _sync_once(
 
 def _forced(force: bool, copied_ctime: int | None, st: os.stat_result) -> bool:
     return force and (copied_ctime is None or st.st_ctime_ns != copied_ctime)
+
+
+def _verify(source: SourceDir, name: str, fd: int, st: os.stat_result, length: int) -> None:
+    """Raise _Changed if the source shrank below `length` or its name now points at
+    another file: what was read is then not a version of this transcript."""
+    if os.fstat(fd).st_size < length:
+        raise _Changed("shrank")
+    try:
+        now_there = os.stat(name, dir_fd=source.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        now_there = None
+    if now_there is None or now_there.st_ino != st.st_ino or now_there.st_dev != st.st_dev:
+        raise _Changed("replaced")
 
 
 def _install(

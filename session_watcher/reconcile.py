@@ -17,9 +17,10 @@ from typing import Any
 from .config import Config
 from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
 from .homes import Home, is_session_name, list_homes, walk_user
+from .objstore import store_for_target
 from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
-from .store import Store, UserStore, lookup_gid
+from .store import Store, lookup_gid
 from .stuck import UserStuck
 
 # Copies of one user queued on the pass's pool at once (see _pass_user).
@@ -81,12 +82,23 @@ class Progress:
     bytes_copied: int
 
 
-def store_for(config: Config, *, dry_run: bool = False) -> Store:
-    """A Store with the group looked up; warns once when the group does not exist."""
+def store_for(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    previous: Store | None = None,
+    paced: bool = False,
+) -> Store:
+    """The store of `config.target`: a directory Store with the group looked up (warns
+    once when the group does not exist), or an object store (objstore.py) that takes over
+    `previous`'s bucket connection; `paced`: the live service's upload pacing."""
+    if config.bucket is not None:
+        return store_for_target(config, None, dry_run=dry_run, previous=previous, paced=paced)
     gid = lookup_gid(config.group)
     if gid is None:
         log.warning("group %s not found, using default group", escape(config.group))
-    return Store(config, gid, dry_run=dry_run)
+    store = Store(config, gid, dry_run=dry_run)
+    return store if previous is None else store.inherit(previous)
 
 
 def reconcile(
@@ -135,9 +147,9 @@ def reconcile(
         try:
             store_fd = store.open_root(create=True)
         except Refused as e:
-            raise OSError(f"store {escape(str(config.target))}: {e.reason}") from None
+            raise OSError(f"store {escape(config.target_text)}: {e.reason}") from None
         except OSError as e:
-            raise OSError(e.errno, f"store {escape(str(config.target))}: {e.strerror}") from None
+            raise OSError(e.errno, f"store {escape(config.target_text)}: {e.strerror}") from None
         try:
             homes: Iterable[Home] = list_homes(home_fd, config, guard)
             total = 0
@@ -287,7 +299,7 @@ def _pass_user(
     checked before each file, so a service asked to stop is not held by a big home.
     Up-to-date files are counted here, without a Result or `on_result`; the others go
     through `sync_file`, on `pool` when there is one."""
-    user_store = UserStore(store, store_fd, source.user)
+    user_store = store.user_store(store_fd, source.user)
     seen = False
     unusable: OSError | None = None
     skipped = 0

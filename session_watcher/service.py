@@ -37,7 +37,7 @@ from .ratelimit import LogLimiter
 from .reconcile import reconcile, store_for
 from .reporter import PUBLISH_SECONDS, Reporter, View
 from .safefs import escape
-from .store import Store, lookup_gid
+from .store import Store
 from .stuck import StuckGuard
 from .watch import Watcher
 from .watchset import WatchSet
@@ -111,7 +111,9 @@ class Service:
         self._first_pass = threading.Event()
         self.limiter = LogLimiter()
         self.guard = StuckGuard(config.stuck_after, clock=clock)
-        self.store = Store(config, lookup_gid(config.group))  # replaced by each full pass
+        # Replaced by each full pass. An object store connects (and takes the state
+        # directory's instance lock) here: a second instance exits 2 at start.
+        self.store: Store = store_for(config, paced=True)
         self.walker = Walker(
             WalkerJobs(self.run_pass, self._rescan, self._retry_degraded),
             self._stop,
@@ -210,7 +212,7 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            self.store = store_for(self.config).inherit(self.store)
+            self.store = store_for(self.config, previous=self.store, paced=True)
         stats = reconcile(
             self.config,
             on_result=self._on_pass_result,
@@ -255,7 +257,7 @@ class Service:
             "session-watcher %s starting: %s -> %s",
             __version__,
             escape(str(cfg.home_root)),
-            escape(str(cfg.target)),
+            escape(cfg.target_text),
         )
         signal.set_wakeup_fd(self._wake.fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -1,4 +1,8 @@
-"""The target side: the store root and its per-user directories, walked without following links."""
+"""The target side: the store root and its per-user directories, walked without following links.
+
+This is the directory implementation of the store seam; objstore.py is the object-store one
+(subclasses of `Store` and `UserStore`). `copy.sync_file` asks a UserStore what it holds for
+a name (`lstat`), whether a version may go in now (`due`), and installs through it."""
 
 from __future__ import annotations
 
@@ -130,7 +134,7 @@ class Store:
         with self._usage_lock:
             usage = self._usage.get(user)
         if usage is None:  # measured outside the lock: one user's big directory holds nobody
-            measured = Usage() if dir_fd is None else measure_usage(dir_fd)
+            measured = self._measure(user, dir_fd)
             with self._usage_lock:
                 usage = self._usage.setdefault(user, measured)
         with self._usage_lock:
@@ -151,6 +155,13 @@ class Store:
                     extra=fields(user, reason="quota"),
                 )
             return why
+
+    def _measure(self, user: str, dir_fd: int | None) -> Usage:
+        return Usage() if dir_fd is None else measure_usage(dir_fd)
+
+    def user_store(self, root_fd: int | None, user: str) -> UserStore:
+        """One user's part of the store (`root_fd` from `open_root`)."""
+        return UserStore(self, root_fd, user)
 
     def inherit(self, old: Store) -> Store:
         """Carry over who is over their limit from the Store this one replaces (each full
@@ -338,6 +349,13 @@ class UserStore:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def due(
+        self, name: str, st: os.stat_result, held: os.stat_result | None, now: float
+    ) -> float | None:
+        """When a new version may go in: None = now. A directory takes every version at
+        once (the object store paces its uploads)."""
+        return None
 
     def reserve(self, grow: int, *, new_file: bool) -> tuple[str, str] | None:
         """The user's quota for a copy that grows their store by `grow` bytes (and a file):
