@@ -404,7 +404,7 @@ def sync_file(
                     "failed:" + errno_name(code),
                     "failed %s: %s (%s)",
                     _label(source, name),
-                    os.strerror(code) if code else e,
+                    (e.strerror or os.strerror(code)) if code else e,
                     errno_name(code),
                     extra=fields(source.user, name, errno=errno_name(code)),
                 )

@@ -61,7 +61,10 @@ QUIET_SECONDS = 2.0
 # a hot transcript goes up this often (visible lag); a smaller one is re-sent whole each
 # time, so it waits for quiet or --upload-interval (bytes stay bounded).
 APPEND_INTERVAL = 5.0
-TAIL_BYTES = 4096  # hashed to check that the object is still a prefix of the source
+# The first and last TAIL_BYTES of what was uploaded are hashed: a source whose start or
+# uploaded end changed is not an append and goes up whole (a change only in the middle of
+# a file that also grew is not seen: transcripts are append-only).
+TAIL_BYTES = 4096
 # After a connection-level failure, calls fail at once for this long: a pass over 10,000
 # files while the store is down costs a few requests, not 10,000 timeouts.
 DOWN_SECONDS = 2.0
@@ -141,8 +144,10 @@ def _held_stat(entry: Entry) -> os.stat_result:
     return os.stat_result((*fields, 0.0, secs, 0.0, 0, entry.mtime_ns, 0))
 
 
-def _tail_hash(data: bytes) -> str:
-    return hashlib.sha256(data[-TAIL_BYTES:]).hexdigest()
+def _ends_hash(fd: int, length: int) -> str:
+    """sha256 of the first and last TAIL_BYTES of the first `length` bytes of `fd`."""
+    n = min(TAIL_BYTES, length)
+    return hashlib.sha256(_read(fd, n, 0) + _read(fd, n, length - n)).hexdigest()
 
 
 def _read(fd: int, length: int, offset: int) -> bytes:
@@ -241,8 +246,8 @@ class Bucket:
         self.name = config.bucket.name
         self.readonly = readonly
         self.paced = paced
-        self.client = _client(config)
         self._lock_fd = None if readonly else lock_state_dir(config.state_dir)
+        self.client = _client(config)
         self.index = Index(config.state_dir, self.name, readonly=readonly)
         self.list_prefix = _list_prefix(config)
         self.pattern = _key_pattern(config)
@@ -323,6 +328,14 @@ class Bucket:
                 return
             token = page.get("NextContinuationToken")
 
+    def close(self) -> None:
+        """Release the index and the instance lock (the process's last store is done)."""
+        self.index.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.client.close()
+
     def if_match(self, etag: str) -> str:
         bare = etag.strip('"')
         return f'"{bare}"' if self.quote_if_match else bare
@@ -345,6 +358,9 @@ class ObjectStore(Store):
 
     def open_root(self, *, create: bool) -> int | None:
         return None  # no descriptor: ObjectUserStore needs none
+
+    def close(self) -> None:
+        self.bucket.close()
 
     def user_store(self, root_fd: int | None, user: str) -> UserStore:
         return ObjectUserStore(self, user)
@@ -483,11 +499,10 @@ class _Upload:
         self.length = length
         self.verify = verify
         try:
-            tail = _read(fd, min(TAIL_BYTES, length), length - min(TAIL_BYTES, length))
+            self.tail = _ends_hash(fd, length)
         except _Shrank:
             verify()
             raise OSError(errno.EAGAIN, "source shrank during the upload") from None
-        self.tail = _tail_hash(tail)
         self.meta = {
             META_HOST: bucket.config.host_id,
             META_SIZE: str(st.st_size),
@@ -573,13 +588,12 @@ class _Upload:
         return str(resp.get("ETag", ""))
 
     def _still_prefix(self, held: Entry) -> bool:
-        """The object's last TAIL_BYTES are still the source's at that offset: the source
-        grew by appending (a rewrite goes up whole)."""
+        """The object's first and last TAIL_BYTES are still the source's: the source grew
+        by appending (a rewrite goes up whole)."""
         if not held.tail:
             return False
-        n = min(TAIL_BYTES, held.size)
         try:
-            return _tail_hash(_read(self.fd, n, held.size - n)) == held.tail
+            return _ends_hash(self.fd, held.size) == held.tail
         except _Shrank:
             return False
 

@@ -126,13 +126,35 @@ def reconcile(
     minute, for this pass); `guard(user)` wraps each user's I/O (the service's stuck
     guard: a user whose file system blocks is skipped, not waited for).
     """
+    own_store = store is None
+    if store is None:
+        store = store_for(config, dry_run=dry_run)
+    try:
+        return _reconcile(
+            config, store, dry_run, now, on_result, only, stop, progress, limiter, guard
+        )
+    finally:
+        if own_store:
+            store.close()
+
+
+def _reconcile(
+    config: Config,
+    store: Store,
+    dry_run: bool,
+    now: Callable[[], float],
+    on_result: Callable[[SourceDir, str, Result], None] | None,
+    only: Collection[str] | None,
+    stop: threading.Event | None,
+    progress: Callable[[Progress], None] | None,
+    limiter: LogLimiter | None,
+    guard: Callable[[str], AbstractContextManager[None]] | None,
+) -> PassStats:
     if limiter is None:
         limiter = LogLimiter()
     each = guard if guard is not None else _no_guard
     started = time.monotonic()
     stats = PassStats()
-    if store is None:
-        store = store_for(config, dry_run=dry_run)
     home_fd = open_root_dir(config.home_root)
     # Copies (not checks) run on a few threads: a copy waits on the disk (copy_file_range,
     # two fsyncs) with the GIL released, so a cold pass keeps the disk busy; the no-op

@@ -293,6 +293,8 @@ class Service:
                     len(blocked),
                 )
             self.reporter.publish(force=True)  # running: false, ready: 0
+            if clean:
+                self.store.close()
             self.notifier.close()
             self.reporter.last_error.uninstall()
         log.info("stopped")

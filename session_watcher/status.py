@@ -159,6 +159,7 @@ def scan(config: Config, *, grace: float, now: float | None = None) -> Report:
     finally:
         close_quietly(store_fd)
         os.close(home_fd)
+        store.close()
     report.users.sort(key=lambda u: u.user)
     return report
 

@@ -156,6 +156,9 @@ class Store:
                 )
             return why
 
+    def close(self) -> None:
+        """End of the process's use of the store (an object store's connection and lock)."""
+
     def _measure(self, user: str, dir_fd: int | None) -> Usage:
         return Usage() if dir_fd is None else measure_usage(dir_fd)
 
