@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS objects (
     etag TEXT NOT NULL,         -- as HEAD/LIST give it, quotes included
     tail TEXT NOT NULL,         -- sha256 of the object's last 4 KiB: is it still a prefix?
     PRIMARY KEY (bucket, key)
+);
+CREATE TABLE IF NOT EXISTS learnt (  -- what this bucket's engine wants, e.g. If-Match quoting
+    bucket TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (bucket, name)
 )
 """
 
@@ -90,7 +96,7 @@ class Index:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
@@ -166,6 +172,25 @@ class Index:
                 nbytes += row[0]
                 files += row[1]
         return nbytes, files
+
+    def learnt(self, name: str) -> str | None:
+        with self._lock:
+            if self._db is None:
+                return None
+            try:
+                row = self._db.execute(
+                    "SELECT value FROM learnt WHERE bucket = ? AND name = ?", (self.bucket, name)
+                ).fetchone()
+            except sqlite3.OperationalError:
+                return None
+        return None if row is None else str(row[0])
+
+    def learn(self, name: str, value: str) -> None:
+        with self._lock:
+            if not self.readonly and self._db is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO learnt VALUES (?, ?, ?)", (self.bucket, name, value)
+                )
 
     def close(self) -> None:
         with self._lock:

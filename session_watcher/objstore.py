@@ -256,7 +256,7 @@ class Bucket:
         self.dirty: dict[str, float] = {}
         # Ceph RGW 16 matches If-Match only unquoted, AWS and moto either way: start
         # quoted, and switch once if a HEAD shows the ETag we sent did match.
-        self.quote_if_match = True
+        self.quote_if_match = self.index.learnt("if-match") != "bare"
         self._down_until = 0.0
         self._down: OSError | None = None
         self._state_lock = threading.Lock()
@@ -555,7 +555,9 @@ class _Upload:
             # Our If-Match named the object that is there and still failed: this engine
             # wants the other quoting (Ceph RGW 16: unquoted).
             self.b.quote_if_match = not self.b.quote_if_match
-            log.info("object store: If-Match %s", "quoted" if self.b.quote_if_match else "bare")
+            form = "quoted" if self.b.quote_if_match else "bare"
+            self.b.index.learn("if-match", form)
+            log.info("object store: this engine takes the ETag of If-Match %s", form)
         self.b.index.put(self.key, self.user, entry)
         return entry
 

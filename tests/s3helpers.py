@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CountingProxy", "Moto", "Request", "s3_client", "wait_for"]
+__all__ = ["CountingProxy", "Engine", "Moto", "Request", "wait_for"]
 
 
 @dataclass(frozen=True)
@@ -190,23 +190,24 @@ class CountingProxy:
             self._close(client, server)
 
 
-class Moto:
-    """moto's S3 server on a free port, with a CountingProxy in front."""
+class Engine:
+    """An S3 engine for a test: its own endpoint (`direct`, for the test's checks, not
+    counted) and a CountingProxy in front that the code under test talks to."""
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.direct = "http://{}:{}".format(*self.server.get_host_and_port())
-        self.proxy = CountingProxy(self.server.get_host_and_port())
-        self.secret = "sw-test-secret-" + uuid.uuid4().hex
+    def __init__(
+        self, name: str, upstream: tuple[str, int], access_key: str, secret_key: str
+    ) -> None:
+        self.name = name
+        self.direct = "http://{}:{}".format(*upstream)
+        self.proxy = CountingProxy(upstream)
+        self.access_key = access_key
+        self.secret = secret_key
 
     def env(self) -> dict[str, str]:
         """The standard AWS chain, pointing at the proxy."""
         return {
             "AWS_ENDPOINT_URL": self.proxy.url,
-            "AWS_ACCESS_KEY_ID": "AKIASESSIONWATCHER",
+            "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret,
             "AWS_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
@@ -214,32 +215,53 @@ class Moto:
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         }
 
+    def client(self) -> Any:
+        """A plain client for the test's own checks (directly to the engine: not counted)."""
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.direct,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+            config=BotoConfig(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"},
+            ),
+        )
+
     def new_bucket(self) -> str:
         name = "sw-" + uuid.uuid4().hex[:20]
-        s3_client(self.direct).create_bucket(Bucket=name)
+        client = self.client()
+        client.create_bucket(Bucket=name)
+        client.close()
         return name
 
     def stop(self) -> None:
         self.proxy.close()
+
+
+class Moto(Engine):
+    """moto's S3 server (ThreadedMotoServer: real HTTP, in-process) on a free port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        super().__init__(
+            "moto",
+            self.server.get_host_and_port(),
+            "AKIASESSIONWATCHER",
+            "sw-test-secret-" + uuid.uuid4().hex,
+        )
+
+    def stop(self) -> None:
+        super().stop()
         self.server.stop()
-
-
-def s3_client(endpoint: str) -> Any:
-    """A plain client for the test's own checks (directly to moto: not counted)."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="AKIATEST",
-        aws_secret_access_key="test",  # noqa: S106 (moto's)
-        region_name="us-east-1",
-        config=BotoConfig(
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
