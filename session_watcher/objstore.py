@@ -261,6 +261,10 @@ class Bucket:
         self._down: OSError | None = None
         self._state_lock = threading.Lock()
         self.requests: dict[str, int] = {}  # per operation, for tests and the bench
+        # Multipart uploads of this process in flight; any other under our prefix at the
+        # first listing was left by a process that died mid-upload (kill -9): aborted.
+        self.uploads: set[str] = set()
+        self.swept = False
 
     # --- calls -------------------------------------------------------------------------
 
@@ -416,6 +420,24 @@ class ObjectStore(Store):
             if b.pattern.fullmatch(key):
                 index.delete(key)  # deleted from the bucket: it goes up again
         log.debug("listed %d objects (%d HEADs)", len(seen), heads)
+        if not b.swept and not b.readonly:
+            self._abort_dead_uploads()
+            b.swept = True
+
+    def _abort_dead_uploads(self) -> None:
+        """Incomplete multipart uploads under this host's prefix that are not this
+        process's: a previous process died mid-upload. One request when there are none."""
+        b = self.bucket
+        page = b.call("list_multipart_uploads", Prefix=b.list_prefix)
+        for up in page.get("Uploads", []):
+            key, upload_id = up["Key"], up["UploadId"]
+            if upload_id in b.uploads or not b.pattern.fullmatch(key):
+                continue
+            try:
+                b.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+                log.info("aborted an incomplete upload a stopped process left at %s", escape(key))
+            except (OSError, _Conflict) as e:
+                log.warning("could not abort an incomplete upload at %s: %s", escape(key), e)
 
 
 class ObjectUserStore(UserStore):
@@ -614,6 +636,7 @@ class _Upload:
             "create_multipart_upload", Key=self.key, ContentType=CONTENT_TYPE, Metadata=self.meta
         )
         upload_id = mpu["UploadId"]
+        b.uploads.add(upload_id)
         try:
             parts: list[dict[str, Any]] = []
             offset = 0
@@ -658,6 +681,8 @@ class _Upload:
             except (OSError, _Conflict) as e:
                 log.warning("could not abort the multipart upload of %s: %s", escape(self.key), e)
             raise
+        finally:
+            b.uploads.discard(upload_id)
         # RGW returns an empty ETag on complete, and no engine checks conditions there:
         # the HEAD says what is at the key now.
         head = b.head(self.key)
