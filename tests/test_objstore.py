@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import Tree, run_cli
+from helpers import Tree, make_base, remove_base, run_cli
 from s3helpers import Engine, Moto, Request, wait_for
 from test_service import StartFn, start  # noqa: F401 (the fixture)
 
@@ -494,3 +494,68 @@ def test_a_reader_never_sees_a_torn_or_shrunken_object(
     assert problems == []
     assert len(seen) > 10
     svc.stop()
+
+
+# --- races: only on a real engine (moto's conditional create is not atomic) ----------------
+
+
+@pytest.mark.timeout(240)
+def test_16_writers_racing_for_one_key_one_wins_whole(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 hosts whose keys collide (`--object-key {user}/{name}`) create one key at once,
+    three times: each time exactly one version lands, whole, and the 15 others fail
+    (EEXIST), never overwriting it."""
+    rgw = request.getfixturevalue("ceph_rgw")
+    engine = Engine("ceph", ("127.0.0.1", rgw.rgw_port), rgw.access_key, rgw.secret_key)
+    for k, v in engine.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = engine.new_bucket()
+    client = engine.client()
+    trees = [Tree(make_base()) for _ in range(16)]
+    try:
+        for t in trees:
+            t.add_user("alice")
+        for round_ in range(3):
+            name = f"race{round_}.jsonl"
+            sources = []
+            for i, t in enumerate(trees):
+                data = b"".join(line(1000 * i + j, 200) for j in range(20 + i))
+                t.write("alice", name, data, mtime=time.time() - 60)
+                sources.append(data)
+            barrier = threading.Barrier(16)
+            results: list[tuple[int, int]] = []
+
+            def one(
+                i: int,
+                t: Tree,
+                barrier: threading.Barrier = barrier,
+                results: list[tuple[int, int]] = results,
+            ) -> None:
+                cfg = t.config(
+                    bucket=Bucket(bucket),
+                    host_id=f"h{i}",
+                    object_key="{user}/{name}",
+                    state_dir=t.base / "state",
+                    settle=0.0,
+                )
+                barrier.wait()
+                stats = reconcile(cfg, only=["alice"])
+                results.append((stats.files_copied, stats.files_failed))
+
+            threads = [threading.Thread(target=one, args=(i, t)) for i, t in enumerate(trees)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+            copied = sum(c for c, _ in results)
+            body = client.get_object(Bucket=bucket, Key=f"alice/{name}")["Body"].read()
+            assert copied == 1, results
+            assert body in sources
+            # Everyone else's earlier objects untouched too: the 15 losers failed.
+            assert sum(f for _, f in results) >= 15
+    finally:
+        client.close()
+        engine.stop()
+        for t in trees:
+            remove_base(t.base)
