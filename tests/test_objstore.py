@@ -356,6 +356,24 @@ def test_status_and_dry_run_against_a_bucket(s3: S3) -> None:
     assert s3.count("PUT") == before + 1  # status put nothing
 
 
+def test_no_such_bucket_and_bad_keys_fail_the_files_with_a_reason(s3: S3) -> None:
+    s3.tree.add_user("alice")
+    s3.tree.write("alice", "s.jsonl", lines(0, 5), mtime=time.time() - 60)
+    env = s3.engine.env()
+    args = s3.cli()
+    args[args.index(s3.target)] = "s3://no-such-bucket-here"
+    proc = run_cli("reconcile", "--json", *args, env=env)
+    assert proc.returncode == 1
+    assert "ENXIO" in proc.stderr and "NoSuchBucket" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = {**env, "AWS_SECRET_ACCESS_KEY": "wrong-" + s3.engine.secret}
+    proc = run_cli("reconcile", "--json", *s3.cli(), env=bad)
+    if s3.engine.name == "ceph":  # moto takes any key
+        assert proc.returncode == 1
+        assert "EACCES" in proc.stderr, proc.stderr
+    assert s3.engine.secret not in proc.stderr + proc.stdout
+
+
 def test_without_boto3_an_s3_target_is_exit_2_with_one_line(tree: Tree) -> None:
     code = (
         "import sys; sys.modules['boto3'] = None; "
