@@ -508,12 +508,11 @@ def _sync_once(
             return Result(Outcome.SKIPPED, recheck_at=recheck, ctime_ns=st.st_ctime_ns)
         old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
         grow, new_file = length - (old_size or 0), old_size is None
-        if not dry_run:
-            # The store's own pacing (an object store batches a growing file's versions);
-            # it may also refuse a name it cannot hold (kind "key").
-            later = store.due(name, st, tgt, now)
-            if later is not None:
-                return Result(Outcome.SKIPPED, recheck_at=later, ctime_ns=None)
+        # The store's own pacing (an object store batches a growing file's versions); it
+        # may also refuse a name it cannot hold (kind "key"), in a dry run too.
+        later = store.due(name, st, tgt, now)
+        if later is not None and not dry_run:
+            return Result(Outcome.SKIPPED, recheck_at=later, ctime_ns=None)
         if admit is not None and not dry_run:
             wait = admit(length)
             if wait > 0:  # over the user's byte budget: this version goes in a little later

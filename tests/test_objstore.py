@@ -224,6 +224,25 @@ def test_index_deleted_rebuilt_from_list_and_head_uploads_nothing(s3: S3) -> Non
     assert s3.count("HEAD") == 0  # rebuilt: LIST only again
 
 
+def test_a_crash_between_upload_and_index_write_costs_a_head_not_an_upload(s3: S3) -> None:
+    import shutil
+
+    s3.tree.add_user("alice")
+    path = s3.tree.write("alice", "s.jsonl", lines(0, 10), mtime=time.time() - 60)
+    reconcile(s3.config())
+    saved = s3.tree.base / "saved-index"
+    shutil.copytree(s3.state_dir, saved)
+    s3.tree.write("alice", "s.jsonl", lines(10, 10), append=True, mtime=time.time() - 30)
+    reconcile(s3.config())  # uploaded; now "crash" and lose its index row:
+    shutil.rmtree(s3.state_dir)
+    shutil.copytree(saved, s3.state_dir)
+    s3.proxy.reset()
+    stats = reconcile(s3.config())
+    assert (stats.files_copied, stats.files_skipped) == (0, 1)
+    assert (s3.count("PUT"), s3.count("POST"), s3.count("HEAD")) == (0, 0, 1)
+    assert s3.get("alice", "s.jsonl") == path.read_bytes()
+
+
 def test_growth_past_5mib_sends_only_the_new_bytes(s3: S3) -> None:
     s3.tree.add_user("alice")
     path = s3.tree.source("alice", "big.jsonl")
