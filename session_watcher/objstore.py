@@ -358,7 +358,9 @@ class ObjectStore(Store):
         self._listed = False
         self._list_lock = threading.Lock()
         self._list_failed: tuple[float, OSError] | None = None
-        self.foreign: set[str] = set()
+        # Keys whose object another host or instance wrote (never overwritten): what
+        # `lstat` answers for them, so `status` shows the file as stale, not missing.
+        self.foreign: dict[str, Entry] = {}
 
     def open_root(self, *, create: bool) -> int | None:
         return None  # no descriptor: ObjectUserStore needs none
@@ -412,7 +414,7 @@ class ObjectStore(Store):
                 continue
             entry = b.ours(head)
             if entry is None:
-                self.foreign.add(key)
+                self.foreign[key] = Entry(size, 0, 0, etag)
                 index.delete(key)
             else:
                 index.put(key, user, entry)
@@ -463,7 +465,7 @@ class ObjectUserStore(UserStore):
         except Refused:
             return None  # refused by `due`, with its reason
         self.ostore.ensure_listed()
-        entry = self.bucket.index.get(key)
+        entry = self.bucket.index.get(key) or self.ostore.foreign.get(key)
         return None if entry is None else _held_stat(entry)
 
     def due(

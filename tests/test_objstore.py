@@ -322,6 +322,10 @@ def test_a_foreign_object_at_our_key_is_never_overwritten(
     assert s3.get("alice", "s.jsonl") == b"not ours\n"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "another host" in errors[0], errors
+    from session_watcher.status import scan
+
+    report = scan(s3.config(), grace=0)
+    assert [(u.file, u.state) for u in report.unsynced] == [("s.jsonl", "stale")]
     # Also when it replaces one of ours after we uploaded it.
     s3.tree.write("alice", "t.jsonl", lines(0, 5), mtime=time.time() - 60)
     reconcile(s3.config())
