@@ -45,6 +45,7 @@ class CountingProxy:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._listening = threading.Event()
+        self.slow_down = False  # answer every new connection's request with 503 SlowDown
         self._closed = False
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -126,6 +127,9 @@ class CountingProxy:
                 client, _ = listener.accept()
             except OSError:
                 continue  # down(), or close()
+            if self.slow_down:
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:
@@ -135,6 +139,30 @@ class CountingProxy:
                 self._conns |= {client, server}
             threading.Thread(target=self._up, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        """Answer one request with S3's 503 SlowDown, then close."""
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = client.recv(65536)
+                if not data:
+                    return
+                buf += data
+            with self._lock:
+                self._counts.requests.append(Request("SLOWDOWN", "", 0))
+            body = (
+                b"<Error><Code>SlowDown</Code>"
+                b"<Message>Please reduce your request rate.</Message></Error>"
+            )
+            client.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:

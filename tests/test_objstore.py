@@ -397,6 +397,25 @@ def test_no_such_bucket_and_bad_keys_fail_the_files_with_a_reason(s3: S3) -> Non
     assert s3.engine.secret not in proc.stderr + proc.stdout
 
 
+def test_slow_down_is_retried_then_a_counted_failure_then_lands(
+    s3: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3.tree.add_user("alice")
+    s3.tree.write("alice", "s.jsonl", lines(0, 5), mtime=time.time() - 60)
+    s3.proxy.drop()  # new connections only, each answered 503 SlowDown
+    s3.proxy.slow_down = True
+    try:
+        with caplog.at_level(logging.ERROR):
+            stats = reconcile(s3.config())
+    finally:
+        s3.proxy.slow_down = False
+    assert (stats.files_copied, stats.files_failed) == (0, 1)
+    assert s3.proxy.count("SLOWDOWN") >= 3  # botocore's standard retries first
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "EAGAIN" in errors[0] and "SlowDown" in errors[0], errors
+    assert reconcile(s3.config()).files_copied == 1
+
+
 def test_without_boto3_an_s3_target_is_exit_2_with_one_line(tree: Tree) -> None:
     code = (
         "import sys; sys.modules['boto3'] = None; "
