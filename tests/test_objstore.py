@@ -157,6 +157,28 @@ def test_upload_due_new_now_grown_when_quiet_or_at_the_interval() -> None:
     assert APPEND_INTERVAL < 30
 
 
+def test_target_s3_from_flag_or_environment() -> None:
+    from session_watcher.config import ConfigError, resolve
+
+    cfg = resolve({}, {"SESSION_WATCHER_TARGET": "s3://my-bucket/a/b/"})
+    assert cfg.bucket == Bucket("my-bucket", "a/b")
+    assert cfg.target_text == "s3://my-bucket/a/b"
+    assert resolve({}, {"SESSION_WATCHER_TARGET": "s3://my-bucket"}).bucket == Bucket("my-bucket")
+    assert resolve({}, {}).bucket is None
+    for bad in ("s3://", "s3://a", "s3://b_c/x", "s3://bucket/a//b"):
+        with pytest.raises(ConfigError):
+            resolve({}, {"SESSION_WATCHER_TARGET": bad})
+    for key, value in (
+        ("SESSION_WATCHER_OBJECT_KEY", "{host}/{name}"),  # no {user}
+        ("SESSION_WATCHER_OBJECT_KEY", "{host}/{user}/{name}/{x}"),
+        ("SESSION_WATCHER_HOST_ID", "a/b"),
+        ("SESSION_WATCHER_OBJECT_CHECKSUMS", "always"),
+        ("SESSION_WATCHER_UPLOAD_INTERVAL", "0"),
+    ):
+        with pytest.raises(ConfigError):
+            resolve({}, {"SESSION_WATCHER_TARGET": "s3://my-bucket", key: value})
+
+
 def test_keys_and_refusals(tree: Tree) -> None:
     cfg = tree.config(bucket=Bucket("b-1", "p/q"), host_id="h")
     assert object_key(cfg, "alice", "s.jsonl") == "p/q/h/alice/s.jsonl"
