@@ -406,7 +406,7 @@ class ObjectStore(Store):
         for key, user, size, etag in b.listing():
             seen.add(key)
             row = index.get(key)
-            if row is not None and row.etag == etag and row.size == size:
+            if row is not None and row.etag.strip('"') == etag.strip('"') and row.size == size:
                 continue
             head = b.head(key)
             heads += 1

@@ -288,6 +288,10 @@ def test_growth_past_5mib_sends_only_the_new_bytes(s3: S3) -> None:
     assert [r.body for r in puts if "partNumber=1" in r.path] == [0]
     uploads = s3.client.list_multipart_uploads(Bucket=s3.bucket)
     assert uploads.get("Uploads", []) == []
+    # The multipart object's ETag (HEAD after complete) is the one LIST gives: in sync.
+    s3.proxy.reset()
+    assert reconcile(s3.config()).files_copied == 0
+    assert s3.count("HEAD") == s3.count("PUT") == 0
 
 
 def test_an_upload_a_killed_process_left_is_aborted(s3: S3) -> None:
