@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -e '.[test,lint,s3]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## start the service on the real defaults, in the foreground
@@ -62,7 +62,7 @@ install:  ## venv in $(PREFIX), unit in $(UNITDIR), env file (never overwritten)
 	[ -x $(PREFIX)/bin/python ] || $(PYTHON) -m venv $(PREFIX)
 	# setuptools never prunes build/lib: a stale copy of a deleted module would be installed.
 	rm -rf build
-	$(PREFIX)/bin/python -m pip install --quiet --upgrade .
+	$(PREFIX)/bin/python -m pip install --quiet --upgrade '.[s3]'
 	rm -rf build
 	[ ! -e README.md ] || install -D -m 0644 README.md $(DOCDIR)/README.md
 	install -d $(UNITDIR)

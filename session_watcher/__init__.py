@@ -7,9 +7,9 @@ Library use::
     print(stats.as_dict())
 """
 
+__version__ = "0.1.0"  # first: modules imported below read it
+
 from .config import Config, ConfigError
 from .reconcile import PassStats, reconcile
-
-__version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "PassStats", "__version__", "reconcile"]

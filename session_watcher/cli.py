@@ -56,7 +56,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="nested directories of sessions changed within this are watched (86400)",
     )
-    add("--target", metavar="DIR", help="the store (default /data/user_sessions)")
+    add(
+        "--target",
+        metavar="DIR|s3://BUCKET[/PREFIX]",
+        help="the store: a directory (default /data/user_sessions) or an S3-compatible bucket",
+    )
     add("--min-uid", metavar="N", help="lowest qualifying home owner uid (default 1000)")
     add("--max-uid", metavar="N", help="highest qualifying home owner uid (default 60000)")
     add(
@@ -90,6 +94,26 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--settle",
         metavar="SECONDS",
         help="a source quiet this long is copied whole, unfinished last line included (5)",
+    )
+    add(
+        "--host-id",
+        metavar="NAME",
+        help="this host in object keys (s3:// targets; default the short host name)",
+    )
+    add(
+        "--object-key",
+        metavar="TEMPLATE",
+        help="object key below the prefix, with {host} {user} {name} ({host}/{user}/{name})",
+    )
+    add(
+        "--state-dir",
+        metavar="DIR",
+        help="index of uploaded objects and instance lock (default /var/lib/session-watcher)",
+    )
+    add(
+        "--object-checksums",
+        metavar="MODE",
+        help="botocore checksums: when_required (default; RGW, MinIO) or when_supported",
     )
     add("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -152,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--user-write-mb-s",
         metavar="MB",
         help="MB/s one user's files may make the service write; 0 = unlimited (default 32)",
+    )
+    run.add_argument(
+        "--upload-interval",
+        metavar="SECONDS",
+        help="s3://: a growing transcript goes up at least this often (default 30)",
     )
     _state_file(run)
     run.add_argument(

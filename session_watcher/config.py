@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "LAYOUTS", "MAX_DEPTH", "Config", "ConfigError", "parse_mode", "resolve"]
+__all__ = [
+    "CHECKSUM_MODES",
+    "DEFAULT_OBJECT_KEY",
+    "ENV_PREFIX",
+    "LAYOUTS",
+    "MAX_DEPTH",
+    "Bucket",
+    "Config",
+    "ConfigError",
+    "parse_mode",
+    "resolve",
+]
 
 ENV_PREFIX = "SESSION_WATCHER_"
 MAX_DEPTH = 8
@@ -25,6 +37,29 @@ LAYOUTS: dict[str, tuple[str, int]] = {
 
 class ConfigError(ValueError):
     """A setting is unusable; the CLI prints it as one line and exits 2."""
+
+
+DEFAULT_OBJECT_KEY = "{host}/{user}/{name}"
+# botocore's `request_checksum_calculation` / `response_checksum_validation`. Its default
+# (when_supported) sends checksums in a chunked trailer that Ceph RGW 16 and other
+# non-AWS engines reject (411 MissingContentLength on a PUT over HTTPS).
+CHECKSUM_MODES = ("when_required", "when_supported")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """An object-store target, `s3://BUCKET[/PREFIX]`; `prefix` has no leading or trailing
+    slash ("" for none)."""
+
+    name: str
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return f"s3://{self.name}/{self.prefix}" if self.prefix else f"s3://{self.name}"
+
+
+def _short_host() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
 
 
 @dataclass(frozen=True)
@@ -73,6 +108,18 @@ class Config:
     # `run` writes it, `status` reads it; /run/session-watcher is the unit's RuntimeDirectory.
     state_file: Path = Path("/run/session-watcher/state.json")
     metrics_file: Path | None = None  # `run` only: node_exporter textfile, every 15 s
+    # --- the object store (`--target s3://...`; `target` is then unused) ---
+    bucket: Bucket | None = None
+    # Keys are PREFIX/<object_key with {host}, {user}, {name}>; host = host_id.
+    host_id: str = dataclasses.field(default_factory=_short_host)
+    object_key: str = DEFAULT_OBJECT_KEY
+    # A grown transcript goes up once quiet for 2 s, at the latest this long after its
+    # oldest byte not yet uploaded (objstore.upload_due).
+    upload_interval: float = 30.0
+    # The index of what was uploaded (sqlite) and the one-instance lock; the unit's
+    # StateDirectory=.
+    state_dir: Path = Path("/var/lib/session-watcher")
+    object_checksums: str = "when_required"
 
     def __post_init__(self) -> None:
         _check(self)
@@ -81,11 +128,16 @@ class Config:
     def sessions_parts(self) -> tuple[str, ...]:
         return tuple(p for p in self.sessions_subdir.split("/") if p)
 
+    @property
+    def target_text(self) -> str:
+        """The store as the operator wrote it: a directory or s3://BUCKET/PREFIX."""
+        return str(self.bucket) if self.bucket is not None else str(self.target)
+
 
 def _check(c: Config) -> None:
     if not c.home_root.is_absolute():
         raise ConfigError(f"home root must be an absolute path: {str(c.home_root)!r}")
-    if not c.target.is_absolute():
+    if c.bucket is None and not c.target.is_absolute():
         raise ConfigError(f"target must be an absolute path: {str(c.target)!r}")
     parts = c.sessions_subdir.split("/")
     if (
@@ -130,9 +182,46 @@ def _check(c: Config) -> None:
         raise ConfigError(f"unknown log level {c.log_level!r}")
     if c.log_format not in ("text", "json"):
         raise ConfigError(f"log format must be text or json, got {c.log_format!r}")
+    _check_object_store(c)
     for what, path in (("state file", c.state_file), ("metrics file", c.metrics_file)):
         if path is not None and not path.is_absolute():
             raise ConfigError(f"{what} must be an absolute path: {str(path)!r}")
+
+
+def _check_object_store(c: Config) -> None:
+    if not c.host_id or not c.host_id.isascii() or not c.host_id.isprintable() or "/" in c.host_id:
+        raise ConfigError(f"host id must be printable ASCII without '/': {c.host_id!r}")
+    try:
+        c.object_key.format(host="h", user="u", name="n")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"object key template: only {{host}}, {{user}} and {{name}} may appear ({e}): "
+            f"{c.object_key!r}"
+        ) from None
+    if "{name}" not in c.object_key or "{user}" not in c.object_key:
+        raise ConfigError(f"object key template needs {{user}} and {{name}}: {c.object_key!r}")
+    if c.object_key.startswith("/"):
+        raise ConfigError(f"object key template must not start with '/': {c.object_key!r}")
+    if not 1 <= c.upload_interval <= 3600:
+        raise ConfigError(f"upload interval must be 1..3600 seconds, got {c.upload_interval}")
+    if not c.state_dir.is_absolute():
+        raise ConfigError(f"state dir must be an absolute path: {str(c.state_dir)!r}")
+    if c.object_checksums not in CHECKSUM_MODES:
+        raise ConfigError(f"s3 checksums must be one of {', '.join(CHECKSUM_MODES)}")
+
+
+def parse_target(text: str) -> Path | Bucket:
+    """`--target`: a directory, or `s3://BUCKET[/PREFIX]` for an object store."""
+    if not text.startswith("s3://"):
+        return Path(text)
+    name, _, prefix = text.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    # S3's bucket naming rules, the part that matters here: no slash, no empty name.
+    if not (3 <= len(name) <= 63) or not all(ch.isalnum() or ch in "-." for ch in name):
+        raise ConfigError(f"not a bucket name: {name!r}")
+    if "//" in prefix:
+        raise ConfigError(f"object key prefix with an empty part: {prefix!r}")
+    return Bucket(name, prefix)
 
 
 def parse_mode(text: str) -> int:
@@ -180,7 +269,7 @@ PARSERS: dict[str, Any] = {
     "depth": _parse_int,
     "layout": lambda s: s.strip().lower(),  # a preset, not a field: see `resolve`
     "active_window": _parse_float,
-    "target": Path,
+    "target": parse_target,
     "min_uid": _parse_int,
     "max_uid": _parse_int,
     "exclude_users": _parse_users,
@@ -200,6 +289,11 @@ PARSERS: dict[str, Any] = {
     "log_format": lambda s: s.strip().lower(),
     "state_file": Path,
     "metrics_file": Path,
+    "host_id": str,
+    "object_key": str,
+    "upload_interval": _parse_float,
+    "state_dir": Path,
+    "object_checksums": lambda s: s.strip().lower(),
 }
 
 
@@ -251,4 +345,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
                 except ConfigError as e:
                     raise ConfigError(f"{var}: {e}") from None
                 break
+    target = values.get("target")
+    if isinstance(target, Bucket):  # `--target s3://...`: the object store
+        values["bucket"] = values.pop("target")
     return Config(**values)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from .config import Config
 from .logfmt import fields
+from .objstore import ObjectUserStore
 from .ratelimit import LogLimiter
 from .safefs import FILE_FLAGS, Refused, errno_name, escape
 from .store import TEMP_PREFIX, TEMP_SUFFIX, UserStore
@@ -129,6 +130,7 @@ REFUSAL_KINDS = (
     "hardlink",
     "mount",
     "quota",
+    "key",  # the object store cannot hold the name's key (too long, not UTF-8)
     "home",
     "hidden",  # a directory whose name starts with "." (below the sessions directory)
     "depth",  # a directory deeper than --depth allows
@@ -423,7 +425,7 @@ def sync_file(
                     "failed:" + errno_name(code),
                     "failed %s: %s (%s)",
                     _label(source, name),
-                    os.strerror(code) if code else e,
+                    (e.strerror or os.strerror(code)) if code else e,
                     errno_name(code),
                     extra=fields(source.user, source.key(name), errno=errno_name(code)),
                 )
@@ -542,6 +544,11 @@ def _sync_once(
             return Result(Outcome.SKIPPED, recheck_at=recheck, source_id=_ident(st))
         old_size = tgt.st_size if tgt is not None and stat.S_ISREG(tgt.st_mode) else None
         grow, new_file = length - (old_size or 0), old_size is None
+        # The store's own pacing (an object store batches a growing file's versions); it
+        # may also refuse a name it cannot hold (kind "key"), in a dry run too.
+        later = store.due(key, st, tgt, now)
+        if later is not None and not dry_run:
+            return Result(Outcome.SKIPPED, recheck_at=later)
         if admit is not None and not dry_run:
             wait = admit(length)
             if wait > 0:  # over the user's byte budget: this version goes in a little later
@@ -575,7 +582,10 @@ def _sync_once(
             log.info("would copy %s (%d bytes)", _label(source, name), length)
             return Result(Outcome.COPIED, nbytes=length, recheck_at=recheck)
         try:
-            _install(config, source, store, name, fd, st, length, key)
+            if isinstance(store, ObjectUserStore):
+                store.install(key, fd, st, length, lambda: _verify(source, name, fd, st, length))
+            else:
+                _install(config, source, store, name, fd, st, length, key)
         except BaseException:
             store.release(grow, new_file=new_file)
             raise
@@ -590,6 +600,19 @@ def _ident(st: os.stat_result) -> tuple[int, int, int]:
 
 def _forced(force: bool, copied_id: tuple[int, int, int] | None, st: os.stat_result) -> bool:
     return force and _ident(st) != copied_id
+
+
+def _verify(source: SourceDir, name: str, fd: int, st: os.stat_result, length: int) -> None:
+    """Raise _Changed if the source shrank below `length` or its name now points at
+    another file: what was read is then not a version of this transcript."""
+    if os.fstat(fd).st_size < length:
+        raise _Changed("shrank")
+    try:
+        now_there = os.stat(name, dir_fd=source.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        now_there = None
+    if now_there is None or now_there.st_ino != st.st_ino or now_there.st_dev != st.st_dev:
+        raise _Changed("replaced")
 
 
 def _install(

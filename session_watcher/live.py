@@ -180,7 +180,7 @@ class LiveCopier:
                 store_fd = store.open_root(create=True)
             except Refused as e:  # the store root swapped for a symlink: never followed
                 raise OSError(errno.ELOOP, f"store root: {e.reason}") from None
-            user_store = UserStore(store, store_fd, user)
+            user_store = store.user_store(store_fd, user)
             return sync_file(
                 cfg,
                 source,

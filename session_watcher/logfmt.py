@@ -83,3 +83,7 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The AWS SDK's own lines (where it found credentials, each retry, at DEBUG the signed
+    # headers) are not ours to print: the object store's failures come as our own lines.
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)

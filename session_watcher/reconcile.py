@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from .config import Config
 from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
 from .homes import Home, Walk, list_homes, walk_user
+from .objstore import store_for_target
 from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
@@ -95,12 +96,25 @@ class Progress:
     bytes_copied: int
 
 
-def store_for(config: Config, *, dry_run: bool = False, limiter: LogLimiter | None = None) -> Store:
-    """A Store with the group looked up; warns once when the group does not exist."""
+def store_for(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    previous: Store | None = None,
+    paced: bool = False,
+    limiter: LogLimiter | None = None,
+) -> Store:
+    """The store of `config.target`: a directory Store with the group looked up (warns
+    once when the group does not exist), or an object store (objstore.py) that takes over
+    `previous`'s bucket connection; `paced`: the live service's upload pacing. A directory
+    Store takes over `previous`'s quota episodes (and, nested, its usage)."""
+    if config.bucket is not None:
+        return store_for_target(config, None, dry_run=dry_run, previous=previous, paced=paced)
     gid = lookup_gid(config.group)
     if gid is None:
         log.warning("group %s not found, using default group", escape(config.group))
-    return Store(config, gid, dry_run=dry_run, limiter=limiter)
+    store = Store(config, gid, dry_run=dry_run, limiter=limiter)
+    return store if previous is None else store.inherit(previous)
 
 
 def reconcile(
@@ -131,13 +145,48 @@ def reconcile(
     guard: a user whose file system blocks is skipped, not waited for); `watches` is told
     of every directory below a sessions directory (`DirWatches`).
     """
+    own_store = store is None
+    if store is None:
+        store = store_for(config, dry_run=dry_run, limiter=limiter)
+    try:
+        return _reconcile(
+            config,
+            store,
+            dry_run,
+            now,
+            on_result,
+            only,
+            stop,
+            progress,
+            limiter,
+            guard,
+            beat,
+            watches,
+        )
+    finally:
+        if own_store:
+            store.close()
+
+
+def _reconcile(
+    config: Config,
+    store: Store,
+    dry_run: bool,
+    now: Callable[[], float],
+    on_result: Callable[[SourceDir, str, Result], None] | None,
+    only: Collection[str] | None,
+    stop: threading.Event | None,
+    progress: Callable[[Progress], None] | None,
+    limiter: LogLimiter | None,
+    guard: Callable[[str], AbstractContextManager[None]] | None,
+    beat: Callable[[], None] | None,
+    watches: DirWatches | None,
+) -> PassStats:
     if limiter is None:
         limiter = LogLimiter()
     each = guard if guard is not None else _no_guard
     started = time.monotonic()
     stats = PassStats()
-    if store is None:
-        store = store_for(config, dry_run=dry_run, limiter=limiter)
     home_fd = open_root_dir(config.home_root)
     # Copies (not checks) run on a few threads: a copy waits on the disk (copy_file_range,
     # two fsyncs) with the GIL released, so a cold pass keeps the disk busy; the no-op
@@ -152,9 +201,9 @@ def reconcile(
         try:
             store_fd = store.open_root(create=True)
         except Refused as e:
-            raise OSError(f"store {escape(str(config.target))}: {e.reason}") from None
+            raise OSError(f"store {escape(config.target_text)}: {e.reason}") from None
         except OSError as e:
-            raise OSError(e.errno, f"store {escape(str(config.target))}: {e.strerror}") from None
+            raise OSError(e.errno, f"store {escape(config.target_text)}: {e.strerror}") from None
         try:
             homes: Iterable[Home] = list_homes(home_fd, config, guard)
             total = 0
@@ -337,7 +386,7 @@ def _pass_user(
     Result or `on_result`; the others go through `sync_file`, on `pool` when there is one.
     `watches` (the service's) is told of each directory below the sessions directory as
     the walk enters it, before it is listed: a file closed in it after that is an event."""
-    user_store = UserStore(store, store_fd, source.user)
+    user_store = store.user_store(store_fd, source.user)
     seen = False
     unusable: OSError | None = None
     skipped = 0

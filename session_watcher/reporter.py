@@ -146,7 +146,7 @@ class Reporter:
             "ready": v.ready(),
             "started_at": round(self.started_at, 3),
             "home_root": str(self.config.home_root),
-            "target": str(self.config.target),
+            "target": self.config.target_text,
             "users_watched": v.watched(),
             "degraded": v.degraded(),
             "stuck": v.stuck(),

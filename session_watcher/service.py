@@ -39,7 +39,7 @@ from .ratelimit import LogLimiter
 from .reconcile import reconcile, store_for
 from .reporter import PUBLISH_SECONDS, Reporter, View
 from .safefs import escape
-from .store import Store, lookup_gid
+from .store import Store
 from .stuck import StuckGuard
 from .watch import Watcher
 from .watchset import WatchSet
@@ -113,8 +113,9 @@ class Service:
         self._first_pass = threading.Event()
         self.limiter = LogLimiter()
         self.guard = StuckGuard(config.stuck_after, clock=clock)
-        # Replaced by each full pass (which measures usage again).
-        self.store = Store(config, lookup_gid(config.group), limiter=self.limiter)
+        # Replaced by each full pass. An object store connects (and takes the state
+        # directory's instance lock) here: a second instance exits 2 at start.
+        self.store: Store = store_for(config, paced=True, limiter=self.limiter)
         self.walker = Walker(
             WalkerJobs(self.run_pass, self._rescan, self._retry_degraded),
             self._stop,
@@ -247,8 +248,11 @@ class Service:
             # nothing closed during the pass is lost), and looks the group up again: it
             # may have been created since start.
             self.watchset.rescan(full=True)
-            # A quota episode goes on across passes (no second WARNING).
-            self.store = store_for(self.config, limiter=self.limiter).inherit(self.store)
+            # A quota episode goes on across passes (no second WARNING); an object store
+            # keeps its connection, and LISTs again.
+            self.store = store_for(
+                self.config, previous=self.store, paced=True, limiter=self.limiter
+            )
             if self.config.depth > 1 and not self._first_pass.is_set():
                 # A nested layout is ready once every project directory is watched: its
                 # first pass (1,000 users x 30 projects: 1.5 million files) goes on after
@@ -308,7 +312,7 @@ class Service:
             "session-watcher %s starting: %s -> %s",
             __version__,
             escape(str(cfg.home_root)),
-            escape(str(cfg.target)),
+            escape(cfg.target_text),
         )
         signal.set_wakeup_fd(self._wake.fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -349,6 +353,8 @@ class Service:
                     len(blocked),
                 )
             self.reporter.publish(force=True)  # running: false, ready: 0
+            if clean:
+                self.store.close()
             self.notifier.close()
             self.reporter.last_error.uninstall()
         log.info("stopped")

@@ -23,10 +23,11 @@ from .config import Config
 from .copy import SourceDir, is_up_to_date, refusal
 from .homes import HomeRefused, Walk, list_homes, open_sessions_dir
 from .logfmt import utf8_text
+from .objstore import ObjectStore, store_for_target
 from .ratelimit import LogLimiter
 from .safefs import Refused, close_quietly, escape, open_root_dir
 from .state import age, read_state
-from .store import Store, UserStore
+from .store import UserStore
 
 __all__ = [
     "STALE_STATE_SECONDS",
@@ -142,16 +143,23 @@ def scan(config: Config, *, grace: float, now: float | None = None) -> Report:
     """Compare every qualifying source file with its store copy. Raises OSError only when
     the home root cannot be opened."""
     report = Report(checked_at=time.time() if now is None else now, grace=grace)
-    store = Store(config, None, dry_run=True)  # dry run: never creates or re-modes anything
+    # Dry run: never creates or re-modes anything; an object store is LISTed (and HEADed
+    # where the index does not know an object), its index opened read-only.
+    store = store_for_target(config, None, dry_run=True)
     home_fd = open_root_dir(config.home_root)
     store_fd: int | None = None
     try:
         try:
             store_fd = store.open_root(create=False)
         except Refused as e:
-            report.store_problem = f"store root {escape(str(config.target))} is {e.reason}"
+            report.store_problem = f"store root {escape(config.target_text)} is {e.reason}"
         except OSError as e:
-            report.store_problem = f"store root {escape(str(config.target))}: {e.strerror or e}"
+            report.store_problem = f"store root {escape(config.target_text)}: {e.strerror or e}"
+        if isinstance(store, ObjectStore):
+            try:
+                store.ensure_listed()
+            except OSError as e:
+                report.store_problem = f"store {escape(config.target_text)}: {e.strerror or e}"
         for home in list_homes(home_fd, config):
             try:
                 source = open_sessions_dir(home_fd, home, config)
@@ -161,7 +169,7 @@ def scan(config: Config, *, grace: float, now: float | None = None) -> Report:
             if source is None:
                 continue
             us = UserStatus(home.name)
-            user_store = UserStore(store, store_fd, home.name)
+            user_store = store.user_store(store_fd, home.name)
             try:
                 _scan_user(config, source.fd, source.uid, user_store, us, report)
             finally:
@@ -171,6 +179,7 @@ def scan(config: Config, *, grace: float, now: float | None = None) -> Report:
     finally:
         close_quietly(store_fd)
         os.close(home_fd)
+        store.close()
     report.users.sort(key=lambda u: u.user)
     return report
 

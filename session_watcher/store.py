@@ -1,4 +1,8 @@
-"""The target side: the store root and its per-user directories, walked without following links."""
+"""The target side: the store root and its per-user directories, walked without following links.
+
+This is the directory implementation of the store seam; objstore.py is the object-store one
+(subclasses of `Store` and `UserStore`). `copy.sync_file` asks a UserStore what it holds for
+a name (`lstat`), whether a version may go in now (`due`), and installs through it."""
 
 from __future__ import annotations
 
@@ -173,9 +177,7 @@ class Store:
                 with self._usage_lock:
                     usage = self._usage.get(user)
                 if usage is None:
-                    measured = (
-                        Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
-                    )
+                    measured = self._measure(user, dir_fd)
                     with self._usage_lock:
                         usage = self._usage.setdefault(user, measured)
         with self._usage_lock:
@@ -209,6 +211,17 @@ class Store:
         # Striped: bounded memory whatever the number of users.
         return self._measure_locks[hash(user) % len(self._measure_locks)]
 
+    def close(self) -> None:
+        """End of the process's use of the store (an object store's connection and lock)."""
+
+    def _measure(self, user: str, dir_fd: int | None) -> Usage:
+        """What `user` holds now (the object store: from its index)."""
+        return Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
+
+    def user_store(self, root_fd: int | None, user: str) -> UserStore:
+        """One user's part of the store (`root_fd` from `open_root`)."""
+        return UserStore(self, root_fd, user)
+
     def inherit(self, old: Store) -> Store:
         """Carry over who is over their limit from the Store this one replaces (each full
         pass makes a new Store, which measures usage afresh), so that `status` keeps
@@ -232,7 +245,7 @@ class Store:
         with self._usage_lock:
             if user in self._usage:
                 return
-        measured = Usage() if dir_fd is None else measure_usage(dir_fd, self.config.depth)
+        measured = self._measure(user, dir_fd)
         with self._usage_lock:
             self._usage.setdefault(user, measured)
 
@@ -475,6 +488,13 @@ class UserStore:
             return os.stat(leaf, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def due(
+        self, name: str, st: os.stat_result, held: os.stat_result | None, now: float
+    ) -> float | None:
+        """When a new version may go in: None = now. A directory takes every version at
+        once (the object store paces its uploads)."""
+        return None
 
     def reserve(self, grow: int, *, new_file: bool) -> tuple[str, str] | None:
         """The user's quota for a copy that grows their store by `grow` bytes (and a file):

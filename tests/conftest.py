@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ceph import Rgw, missing_binaries, start_rgw
 from harness import START_TIMEOUT, NotifySocket, Service, StartFn
 from helpers import Tree, cli_env, make_base, remove_base, wait_for
 
@@ -106,3 +107,22 @@ def notify_path(tree: Tree) -> Iterator[NotifySocket]:
     ns = NotifySocket(str(tree.base / "notify.sock"))
     yield ns
     ns.close()
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rgw]:
+    """One real single-node Ceph cluster with radosgw for the whole session (tests/ceph.py),
+    wherever Debian's ceph-mon, ceph-osd, radosgw and ceph-common are installed (.ci/run
+    installs them). Tests create their own buckets; a test that stops the gateway or the
+    cluster starts it again before it ends."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(
+            f"Ceph not installed ({', '.join(missing)} missing): apt-get install -y "
+            "--no-install-recommends ceph-mon ceph-osd radosgw ceph-common"
+        )
+    rgw = start_rgw(tmp_path_factory.mktemp("ceph"))
+    try:
+        yield rgw
+    finally:
+        rgw.cleanup()

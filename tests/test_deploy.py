@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 UNIT = REPO / "deploy" / "session-watcher.service"
 ENV_FILE = REPO / "deploy" / "session-watcher.env"
+DROP_IN = REPO / "deploy" / "object-store.conf"
 ANALYZE = shutil.which("systemd-analyze")
 SETPRIV = shutil.which("setpriv")
 
@@ -142,6 +143,44 @@ def test_security_exposure_at_most_2(capsys: pytest.CaptureFixture[str]) -> None
     with capsys.disabled():
         print(f"\nsystemd-analyze security --offline=yes {UNIT.name}: exposure {exposure}")
     assert exposure <= 2.0, proc.stdout
+
+
+@needs_analyze
+def test_object_store_drop_in_exposure_at_most_2_5(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A drop-in's settings apply as if appended to the unit (list settings reset by an empty
+    # assignment alike): the unit followed by the drop-in is what systemd runs.
+    unit = tmp_path / "session-watcher.service"
+    unit.write_text(UNIT.read_text() + "\n" + DROP_IN.read_text())
+    assert ANALYZE is not None
+    proc = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    exposure = float(match.group(1))
+    with capsys.disabled():
+        print(f"\nsystemd-analyze security --offline=yes with {DROP_IN.name}: {exposure}")
+    assert exposure <= 2.5, proc.stdout
+
+
+def test_object_store_drop_in_says_what_the_object_store_needs() -> None:
+    got = [(s, k, v) for s, k, v in unit_directives(DROP_IN) if s == "Service"]
+    settings = {k: v for _, k, v in got}
+    assert settings["StateDirectory"] == "session-watcher"  # --state-dir's default
+    assert settings["IPAddressDeny"] == ""  # resets the unit's `any`
+    assert settings["PrivateNetwork"] == "no"
+    assert settings["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
+    cred, _, path = settings["LoadCredential"].partition(":")
+    assert path.startswith("/") and cred
+    assert settings["Environment"] == f"AWS_SHARED_CREDENTIALS_FILE=%d/{cred}"
+    # No key in the drop-in itself.
+    assert "aws_secret_access_key =" not in DROP_IN.read_text().replace("#   aws_secret", "")
 
 
 # --- what the unit must say ---------------------------------------------------------------

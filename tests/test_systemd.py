@@ -118,7 +118,8 @@ def build_wheels(src: Path, wheels: Path) -> None:
     build_requires = tomllib.loads((src / "pyproject.toml").read_text())["build-system"]["requires"]
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels)]
     proc = subprocess.run(
-        [*pip_wheel, str(src), *build_requires],
+        # `make install` installs the object-store extra too (boto3 and what it needs).
+        [*pip_wheel, f"{src}[s3]", *build_requires],
         capture_output=True,
         text=True,
         timeout=300,
