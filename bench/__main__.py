@@ -16,11 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import scenarios
+from . import objstore, scenarios
 from .measure import Row
 from .peers import PROJECT, LivePeer, live_peers
 
-TOOLS = {"rsync": "rsync", "lsyncd": "lsyncd", "inotifywait": "inotify-tools"}
+TOOLS = {
+    "rsync": "rsync",
+    "lsyncd": "lsyncd",
+    "inotifywait": "inotify-tools",
+    "rclone": "rclone",  # the object-store peers (bench/objstore.py)
+    "aws": "awscli",
+}
 
 
 def log(msg: str) -> None:
@@ -99,7 +105,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale")
+SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale", *objstore.S3_SCENARIOS)
 LIVE_KEYS = ("sw", "lsyncd", "lsyncd-direct", "inotifywait")  # LivePeer.key
 
 
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for name in wanted:
+            if name in objstore.S3_SCENARIOS:
+                continue
             log(f"scenario {name}")
             if name == "latency":
                 rows += scenarios.latency(sizes, peers(), work, log)
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += scenarios.cold(sizes, work, log)
             elif name == "scale":
                 rows += scenarios.scale(sizes, work, log)
+        # The object-store rows share one Ceph cluster, started once for them.
+        rows += objstore.run_all(list(wanted), args.quick, work, log)
         report = header(work, load_before, time.monotonic() - t0, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # trees and stores never outlive the run
