@@ -770,10 +770,11 @@ def s3_restart(sizes: S3Sizes, rgw: Rgw, work: Path, log: Log) -> list[Row]:
                     c0 = run.proxy.counts()
                     t1 = time.monotonic()
                     run.peer.start_s3(tree, run.bucket, run.proxy.endpoint, rgw, run.dir)
-                    wall = _idle(run.proxy, 5, 600)
-                    wall = max(wall, 0.0)
+                    ready = time.monotonic() - t1
+                    # until idle: start-up to READY=1, then to its last request before 5 s
+                    # without any
+                    wall = ready + _idle(run.proxy, 5, 600)
                     c = run.proxy.counts().minus(c0)
-                    wall = time.monotonic() - t1 - 5 if wall == 0 else wall
                 else:
                     cmd = peer.once(tree, run.bucket, run.proxy.endpoint, rgw)
                     env = peer.env(rgw, run.proxy.endpoint)
