@@ -72,6 +72,7 @@ class SoakS3(Soak):
         self.reads = 0
         self.orphaned: list[str] = []
         self.index_note = "no index found"
+        self.quick = False
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -105,9 +106,14 @@ class SoakS3(Soak):
 
     def chaos(self) -> None:
         rng = random.Random(self.seed + 2)
-        must = ["kill", "kill-mid-copy", "overflow", "rgw", "cluster", "drop", "stall"]
-        must += ["new-home", "recreate", "rename", "kill-then-rename"]
-        rng.shuffle(must)
+        # Every action at least once, the engine and network faults first (a quick run
+        # has time for about ten actions); `must` is popped from its end.
+        first = ["kill-mid-copy", "rgw", "cluster", "drop", "stall"]
+        rest = ["kill", "overflow", "new-home", "recreate", "rename", "kill-then-rename"]
+        rng.shuffle(first)
+        rng.shuffle(rest)
+        must = rest + first
+        self.quick = self.seconds < 90
         weights = {
             "kill": 4,
             "kill-mid-copy": 3,
@@ -133,23 +139,23 @@ class SoakS3(Soak):
                 return
 
     def do_rgw(self, rng: random.Random) -> None:
-        """radosgw killed (-9), down for 1-8 s, started again."""
+        """radosgw killed (-9), down for 1-8 s (quick: 1-3 s), started again."""
         assert self.rgw is not None
         with self.engine_lock:
             self.rgw.stop_rgw()
             try:
-                self.stop.wait(rng.uniform(1.0, 8.0))
+                self.stop.wait(rng.uniform(1.0, 3.0 if self.quick else 8.0))
             finally:
                 self.rgw.start_rgw()
             self.engine_restarts += 1
 
     def do_cluster(self, rng: random.Random) -> None:
-        """The whole cluster stopped (mon, OSD, radosgw), down for 1-5 s, started again."""
+        """The whole cluster (mon, OSD, radosgw) stopped, down 1-5 s (quick 1-2 s), started."""
         assert self.rgw is not None
         with self.engine_lock:
             self.rgw.stop_cluster()
             try:
-                self.stop.wait(rng.uniform(1.0, 5.0))
+                self.stop.wait(rng.uniform(1.0, 2.0 if self.quick else 5.0))
             finally:
                 self.rgw.start_cluster()
             self.engine_restarts += 1
@@ -161,7 +167,8 @@ class SoakS3(Soak):
 
     def do_stall(self, rng: random.Random) -> None:
         assert self.proxy is not None
-        self.stalled += self.proxy.stall(rng.uniform(2.0, 15.0), rng.uniform(0.3, 1.0))
+        seconds = rng.uniform(2.0, 5.0 if self.quick else 15.0)
+        self.stalled += self.proxy.stall(seconds, rng.uniform(0.3, 1.0))
 
     def do_enospc(self, rng: random.Random) -> None:  # no local store to fill
         self.do_stall(rng)
