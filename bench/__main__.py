@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--out FILE] [--only NAME ...] [--tools KEY ...]`: run the
 scenarios, print one Markdown table, and (full run) write it to bench/results.md with the
 machine it ran on. `--only` and `--tools` rerun a subset, e.g. session-watcher's own rows
-of two scenarios: `python -m bench --only burst hot --tools sw`."""
+of two scenarios: `python -m bench --only burst hot --tools sw`, or of the object-store
+rows: `python -m bench --only s3-hot s3-burst s3-restart s3-outage --tools sw`."""
 
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tools",
         nargs="+",
-        choices=LIVE_KEYS,
-        help="live scenarios (latency, burst, hot): only these tools",
+        choices=sorted({*LIVE_KEYS, *objstore.TOOL_KEYS}),
+        help="live scenarios (latency, burst, hot) and object-store rows: only these tools",
     )
     args = ap.parse_args(argv)
     sizes = scenarios.QUICK if args.quick else scenarios.FULL
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "scale":
                 rows += scenarios.scale(sizes, work, log)
         # The object-store rows share one Ceph cluster, started once for them.
-        rows += objstore.run_all(list(wanted), args.quick, work, log)
+        rows += objstore.run_all(list(wanted), args.quick, work, log, args.tools)
         report = header(work, load_before, time.monotonic() - t0, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # trees and stores never outlive the run

@@ -291,11 +291,19 @@ class SwS3(S3Peer):
             self._sock = None
 
 
+TOOL_KEYS = ("sw", "rclone", "aws")  # --tools for the object-store rows
+_only: tuple[str, ...] = ()  # set by run_all: only these tools (empty: all)
+
+
+def _wanted(peers: list[S3Peer]) -> list[S3Peer]:
+    return [p for p in peers if not _only or (p.tool or p.key) in _only]
+
+
 def s3_peers(sizes: S3Sizes) -> list[S3Peer]:
     peers: list[S3Peer] = [SwS3()]
     for i in sizes.intervals:
         peers += [Rclone(i), AwsSync(i)]
-    return peers
+    return _wanted(peers)
 
 
 # --- watching a bucket ----------------------------------------------------------------------
@@ -750,7 +758,7 @@ def s3_restart(sizes: S3Sizes, rgw: Rgw, work: Path, log: Log) -> list[Row]:
             (d / name).write_bytes(line(f, 1500))
             tree.files[user].append(name)
     # one row per tool, not per timer: a restart is one run of the timer's command
-    peers, rows = _available([SwS3(), Rclone(10), AwsSync(10)], scen, log)
+    peers, rows = _available(_wanted([SwS3(), Rclone(10), AwsSync(10)]), scen, log)
     try:
         for peer in peers:
             run = _Run(peer, tree, rgw, work, "restart")
@@ -814,8 +822,13 @@ def s3_restart(sizes: S3Sizes, rgw: Rgw, work: Path, log: Log) -> list[Row]:
     return rows
 
 
-def run_all(wanted: list[str], quick: bool, work: Path, log: Log) -> list[Row]:
-    """The object-store scenarios in `wanted`, on one Ceph cluster started for them."""
+def run_all(
+    wanted: list[str], quick: bool, work: Path, log: Log, tools: list[str] | None = None
+) -> list[Row]:
+    """The object-store scenarios in `wanted`, on one Ceph cluster started for them;
+    `tools`: only these (TOOL_KEYS)."""
+    global _only
+    _only = tuple(tools or ())
     names = [w for w in wanted if w in S3_SCENARIOS]
     if not names:
         return []
