@@ -325,7 +325,8 @@ class BucketWatch:
     """LIST the bucket every POLL s; GET the tail of each changed object; record arrivals
     and torn objects. Keys map to source files."""
 
-    def __init__(self, rgw: Rgw, bucket: str, keys: dict[str, Path]) -> None:
+    def __init__(self, rgw: Rgw, bucket: str, keys: dict[str, Path], tails: bool = True) -> None:
+        self.tails = tails  # False: sizes from LIST only (10,000 objects: no GET each)
         self.s3 = rgw.client()
         self.bucket, self.keys = bucket, keys
         self.index = {k: i for i, k in enumerate(keys)}
@@ -352,6 +353,9 @@ class BucketWatch:
             for o in page.get("Contents", []):
                 k, size, etag = o["Key"], int(o["Size"]), str(o["ETag"])
                 if k not in self.keys or self.seen.get(k) == (size, etag) or size == 0:
+                    continue
+                if not self.tails:
+                    self.seen[k] = (size, etag)
                     continue
                 t = time.monotonic()
                 start = max(0, size - TAIL)
@@ -403,9 +407,9 @@ class _Run:
         self.keys = {peer.key_of(u, n): tree.path(u, n) for u, n in tree.pairs()}
         self.watch: BucketWatch | None = None
 
-    def start(self) -> None:
+    def start(self, tails: bool = True) -> None:
         self.peer.start_s3(self.tree, self.bucket, self.proxy.endpoint, self.rgw, self.dir)
-        self.watch = BucketWatch(self.rgw, self.bucket, self.keys)
+        self.watch = BucketWatch(self.rgw, self.bucket, self.keys, tails)
 
     def wait_current(self, timeout: float) -> float | None:
         """Seconds until every object has its source's size (None: not by the deadline)."""
@@ -765,7 +769,7 @@ def s3_restart(sizes: S3Sizes, rgw: Rgw, work: Path, log: Log) -> list[Row]:
             try:
                 t0 = time.monotonic()
                 if isinstance(peer, SwS3):
-                    run.start()
+                    run.start(tails=False)
                     if run.wait_current(1800) is None:
                         rows.append(Row(scen, peer.label, "first pass", "never in sync"))
                         continue
