@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.write_text(text)
-        log(f"wrote {args.out.relative_to(PROJECT) if args.out.is_absolute() else args.out}")
+        shown = args.out.resolve()
+        log(f"wrote {shown.relative_to(PROJECT) if shown.is_relative_to(PROJECT) else shown}")
     return 0
 
 
