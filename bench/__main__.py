@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--out FILE] [--only NAME ...] [--tools KEY ...]`: run the
 scenarios, print one Markdown table, and (full run) write it to bench/results.md with the
 machine it ran on. `--only` and `--tools` rerun a subset, e.g. session-watcher's own rows
-of two scenarios: `python -m bench --only burst hot --tools sw`."""
+of two scenarios: `python -m bench --only burst hot --tools sw`, or of the object-store
+rows: `python -m bench --only s3-hot s3-burst s3-restart s3-outage --tools sw`."""
 
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import scenarios
+from . import objstore, scenarios
 from .measure import Row
 from .peers import PROJECT, LivePeer, live_peers
 
-TOOLS = {"rsync": "rsync", "lsyncd": "lsyncd", "inotifywait": "inotify-tools"}
+TOOLS = {
+    "rsync": "rsync",
+    "lsyncd": "lsyncd",
+    "inotifywait": "inotify-tools",
+    "rclone": "rclone",  # the object-store peers (bench/objstore.py)
+    "aws": "awscli",
+}
 
 
 def log(msg: str) -> None:
@@ -99,7 +106,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale", "claude")
+SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale", "claude", *objstore.S3_SCENARIOS)
 LIVE_KEYS = ("sw", "lsyncd", "lsyncd-direct", "inotifywait")  # LivePeer.key
 
 
@@ -111,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tools",
         nargs="+",
-        choices=LIVE_KEYS,
-        help="live scenarios (latency, burst, hot): only these tools",
+        choices=sorted({*LIVE_KEYS, *objstore.TOOL_KEYS}),
+        help="live scenarios (latency, burst, hot) and object-store rows: only these tools",
     )
     args = ap.parse_args(argv)
     sizes = scenarios.QUICK if args.quick else scenarios.FULL
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for name in wanted:
+            if name in objstore.S3_SCENARIOS:
+                continue
             log(f"scenario {name}")
             if name == "latency":
                 rows += scenarios.latency(sizes, peers(), work, log)
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += scenarios.scale(sizes, work, log)
             elif name == "claude":
                 rows += scenarios.claude(sizes, work, log)
+        # The object-store rows share one Ceph cluster, started once for them.
+        rows += objstore.run_all(list(wanted), args.quick, work, log, args.tools)
         report = header(work, load_before, time.monotonic() - t0, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # trees and stores never outlive the run
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.write_text(text)
-        log(f"wrote {args.out.relative_to(PROJECT) if args.out.is_absolute() else args.out}")
+        shown = args.out.resolve()
+        log(f"wrote {shown.relative_to(PROJECT) if shown.is_relative_to(PROJECT) else shown}")
     return 0
 
 

@@ -370,10 +370,12 @@ if __name__ == "__main__":  # `python tests/ceph.py`: start one, print how to us
     import sys
     import tempfile
 
-    r = start_rgw(tempfile.mkdtemp(prefix="sw-ceph-"))
+    top = tempfile.mkdtemp(prefix="sw-ceph-")
+    r = start_rgw(top)
     print(f"started in {r.start_seconds:.1f} s; dir {r.dir}", file=sys.stderr)
     for k, v in r.env().items():
         print(f"export {k}={v}")
     with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
     r.cleanup()
+    shutil.rmtree(top, ignore_errors=True)

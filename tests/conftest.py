@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,3 +127,15 @@ def ceph_rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rgw]:
         yield rgw
     finally:
         rgw.cleanup()
+
+
+@pytest.fixture
+def ceph_bucket(ceph_rgw: Rgw) -> str:
+    """A new, empty bucket on the session's Ceph RGW (name unique per test)."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    s3 = ceph_rgw.client()
+    try:
+        s3.create_bucket(Bucket=name)
+    finally:
+        s3.close()
+    return name

@@ -25,8 +25,8 @@ def _code(e: pytest.ExceptionInfo[ClientError]) -> str:
     return str(e.value.response["Error"]["Code"])
 
 
-def test_conditional_put(ceph_rgw: Rgw) -> None:
-    s3, b = _bucket(ceph_rgw)
+def test_conditional_put(ceph_rgw: Rgw, ceph_bucket: str) -> None:
+    s3, b = ceph_rgw.client(), ceph_bucket
     r = s3.put_object(Bucket=b, Key="h/u/a.jsonl", Body=b"{}\n", IfNoneMatch="*")
     etag = r["ETag"]
     with pytest.raises(ClientError) as e:

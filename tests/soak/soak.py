@@ -3,6 +3,7 @@
 churn and attacks, all at once; then every invariant of the promise is checked.
 
     SOAK_SECONDS (180)  SOAK_USERS (40)  SOAK_SEED (random, printed)  SOAK_RATE (250 chunks/s)
+    SOAK_TARGET (dir; s3: the store on a real Ceph RGW, see soak_s3.py)
 
 Run as root (writers run as the users' uids, the store is a tmpfs, hostile entries are
 owned by root or by other users). Not collected by pytest (the file name does not match
@@ -1096,6 +1097,14 @@ HOSTILE_KINDS = [
 
 
 def main() -> int:
+    target = os.environ.get("SOAK_TARGET", "dir").strip() or "dir"
+    if target == "s3":  # the store on a real Ceph RGW (soak_s3.py)
+        import soak_s3
+
+        return soak_s3.main()
+    if target != "dir":
+        print(f"soak: SOAK_TARGET={target!r}: use dir (the default) or s3", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("soak: needs root (writers run as other uids, the store is a tmpfs)", file=sys.stderr)
         return 2
