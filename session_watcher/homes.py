@@ -28,6 +28,7 @@ __all__ = [
     "home_qualifies",
     "is_session_name",
     "list_homes",
+    "log_home_refused",
     "open_home",
     "open_sessions_dir",
     "open_source_path",
@@ -184,6 +185,20 @@ def _step(parent_fd: int, part: str, user: str) -> tuple[int, os.stat_result]:
         raise
 
 
+def log_home_refused(limiter: LogLimiter, user: str, e: HomeRefused) -> None:
+    """The one WARNING for a home whose walk is unsafe: limited per user and kind."""
+    limiter.log(
+        log,
+        logging.WARNING,
+        user,
+        "refused:" + e.kind,
+        "refused user %s: %s",
+        escape(user),
+        e.reason,
+        extra=fields(user, reason=e.kind),
+    )
+
+
 def walk_user(
     root_fd: int, home: Home, config: Config, limiter: LogLimiter | None = None
 ) -> SourceDir | None:
@@ -198,16 +213,7 @@ def walk_user(
             log.debug("home %s has no sessions directory", escape(home.name))
         return source
     except HomeRefused as e:
-        say.log(
-            log,
-            logging.WARNING,
-            home.name,
-            "refused:" + e.kind,
-            "refused user %s: %s",
-            escape(home.name),
-            e.reason,
-            extra=fields(home.name, reason=e.kind),
-        )
+        log_home_refused(say, home.name, e)
         return None
     except OSError as e:
         code = e.errno or 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
-from .homes import HomeRefused, Walk, open_home, open_source_path, say_refused
+from .homes import HomeRefused, Walk, log_home_refused, open_home, open_source_path, say_refused
 from .logfmt import fields
 from .ratelimit import ByteBudget, LogLimiter
 from .safefs import Refused, close_quietly, errno_name, escape, open_root_dir
@@ -152,16 +152,7 @@ class LiveCopier:
             try:
                 source = open_home(home_fd, user, cfg)
             except HomeRefused as e:
-                self.limiter.log(
-                    log,
-                    logging.WARNING,
-                    user,
-                    "refused:" + e.kind,
-                    "refused user %s: %s",
-                    escape(user),
-                    e.reason,
-                    extra=fields(user, reason=e.kind),
-                )
+                log_home_refused(self.limiter, user, e)
                 return None
             if source is None:
                 return None

@@ -19,6 +19,7 @@ from .homes import (
     HomeRefused,
     home_qualifies,
     list_homes,
+    log_home_refused,
     open_home,
     open_sessions_dir,
     open_subdir,
@@ -185,16 +186,7 @@ class WatchSet:
         except UserStuck:
             return None
         except HomeRefused as e:
-            self._limiter.log(
-                log,
-                logging.WARNING,
-                home.name,
-                "refused:" + e.kind,
-                "refused user %s: %s",
-                escape(home.name),
-                e.reason,
-                extra=fields(home.name, reason=e.kind),
-            )
+            log_home_refused(self._limiter, home.name, e)
             return None
         except OSError as e:
             self._limiter.log(
