@@ -651,6 +651,7 @@ class Soak:
         # spread over all of them would fill none.
         queue = reader_index(rng.choice(live).name)
         live = [u for u in live if reader_index(u.name) == queue]
+        seen = self.count_log("inotify queue overflowed")
         pid = self.signal_service(signal.SIGSTOP)
         if pid is None:
             return
@@ -688,6 +689,12 @@ class Soak:
             # A stopped process also misses pings for a moment after SIGCONT.
             self.stopped.append((t0, time.time() + WATCHDOG_USEC / 1e6 / 2))
             self.overflow_episodes += 1
+        # Let the service read its queue before the next chaos step: a kill -9 in the
+        # instant after SIGCONT would end it before it saw the overflow (its successor's
+        # first pass repairs all the same, but then no incarnation ever logs one).
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and self.count_log("inotify queue overflowed") <= seen:
+            time.sleep(0.05)
 
     def do_enospc(self, rng: random.Random) -> None:
         filler = self.store / f".soak-filler-{self.next_id()}"
