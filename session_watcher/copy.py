@@ -653,15 +653,7 @@ def _install(
         os.fchmod(out, config.file_mode)  # after chown, and never the source's mode
         if _copy_bytes(src_fd, out, length) < length:
             raise _Changed("shrank")
-        after = os.fstat(src_fd)
-        if after.st_size < length:
-            raise _Changed("shrank")
-        try:
-            now_there = os.stat(name, dir_fd=source.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            now_there = None
-        if now_there is None or now_there.st_ino != st.st_ino or now_there.st_dev != st.st_dev:
-            raise _Changed("replaced")
+        _verify(source, name, src_fd, st, length)  # the check the object store makes too
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fsync(out)
         os.rename(tmp, leaf, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
