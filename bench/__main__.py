@@ -1,8 +1,10 @@
 """`python -m bench [--quick] [--out FILE] [--only NAME ...] [--tools KEY ...]`: run the
-scenarios, print one Markdown table, and (full run) write it to bench/results.md with the
-machine it ran on. `--only` and `--tools` rerun a subset, e.g. session-watcher's own rows
-of two scenarios: `python -m bench --only burst hot --tools sw`, or of the object-store
-rows: `python -m bench --only s3-hot s3-burst s3-restart s3-outage --tools sw`."""
+scenarios and print the report; with --out, write it there (`make bench`: bench/results.md).
+The report has one section per group of scenarios (bench/report.py): a run rewrites the
+sections, or with --only / --tools the rows, it measured and keeps the others with their
+own `- run:` lines. E.g. session-watcher's own rows of two scenarios: `python -m bench
+--only burst hot --tools sw --out bench/results.md`; the noisy-neighbour table:
+`python -m bench --only noisy --out bench/results.md`."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import objstore, scenarios
+from . import noisy, objstore, report, scenarios
 from .measure import Row
 from .peers import PROJECT, LivePeer, live_peers
 
@@ -74,25 +76,43 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def header(work: Path, load_before: str, elapsed: float, quick: bool) -> str:
+def _commit() -> str:
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(PROJECT), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def run_line(work: Path, load_before: str, elapsed: float, command: str) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join(
-        [
-            "# session-watcher benchmark"
-            + (" (quick smoke test: figures mean nothing)" if quick else ""),
-            "",
-            f"- machine: {_cpu_model()}, {os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-            f"- kernel: {platform.release()}; Python {platform.python_version()}",
-            f"- file system of the trees and stores: {_fs_type(work)}",
-            f"- date: {now}; load average (1/5/15 min) before {load_before}, after {_load()}; "
-            f"the whole run took {elapsed / 60:.1f} min",
-            "- produced by `make bench` (`python -m bench`); times are CLOCK_MONOTONIC, a close "
-            "is timestamped in the writer, an arrival by an inotify IN_MOVED_TO/IN_CLOSE_WRITE "
-            "watch on the store (a copier's close of the file it has just renamed in is the "
-            "same arrival); every tool gets its own fresh store.",
-        ]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"- run: {now}, commit {_commit()}, {_cpu_model()}, {os.cpu_count()} cores, "
+        f"{ram:.0f} GiB RAM, kernel {platform.release()}, Python {platform.python_version()}, "
+        f"trees and stores on {_fs_type(work)}, load average (1/5/15 min) {load_before} before, "
+        f"{_load()} after, {elapsed / 60:.1f} min: `{command}`"
     )
+
+
+ABOUT = [
+    "Times are CLOCK_MONOTONIC; a close is timestamped in the writer, an arrival by an "
+    "inotify IN_MOVED_TO/IN_CLOSE_WRITE watch on the store (a copier's close of the file it "
+    "has just renamed in is the same arrival); every tool gets its own fresh store."
+]
+# The report's sections (bench/report.py): key, heading, scenarios, what they measure.
+SECTIONS: list[tuple[str, str, tuple[str, ...], list[str]]] = [
+    (
+        "peers",
+        "## Against the peers (issue 4; scale: issue 13)",
+        ("latency", "burst", "hot", "noop", "cold", "scale"),
+        ABOUT,
+    ),
+    ("claude", "## Claude Code layout (issue 13)", ("claude",), ABOUT),
+    ("s3", "## Object store (issue 12)", objstore.S3_SCENARIOS, objstore.ABOUT),
+    ("noisy", "## Noisy neighbour (issue 14)", ("noisy",), noisy.ABOUT),
+]
 
 
 def table(rows: list[Row]) -> str:
@@ -106,7 +126,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-SCENARIOS = ("latency", "burst", "hot", "noop", "cold", "scale", "claude", *objstore.S3_SCENARIOS)
+SCENARIOS = tuple(name for _key, _heading, names, _about in SECTIONS for name in names)
 LIVE_KEYS = ("sw", "lsyncd", "lsyncd-direct", "inotifywait")  # LivePeer.key
 
 
@@ -127,39 +147,62 @@ def main(argv: list[str] | None = None) -> int:
     base = os.environ.get("BENCH_DIR") or "/var/tmp"
     Path(base).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sw-bench-", dir=base))
+    work.chmod(0o755)  # the noisy-neighbour users (uid 1000, 1001) write below it
     load_before = _load()
     t0 = time.monotonic()
-    rows: list[Row] = []
+    rows: dict[str, list[Row]] = {key: [] for key, *_ in SECTIONS}
+    section = {name: key for key, _h, names, _a in SECTIONS for name in names}
     wanted = args.only or SCENARIOS
 
     def peers() -> list[LivePeer]:
         return [p for p in live_peers(args.quick) if not args.tools or p.key in args.tools]
 
+    noisy_results: list[noisy.Result] = []
     try:
         for name in wanted:
             if name in objstore.S3_SCENARIOS:
                 continue
             log(f"scenario {name}")
             if name == "latency":
-                rows += scenarios.latency(sizes, peers(), work, log)
+                rows[section[name]] += scenarios.latency(sizes, peers(), work, log)
             elif name == "burst":
-                rows += scenarios.burst(sizes, peers(), work, log)
+                rows[section[name]] += scenarios.burst(sizes, peers(), work, log)
             elif name == "hot":
-                rows += scenarios.hot(sizes, peers(), work, log)
+                rows[section[name]] += scenarios.hot(sizes, peers(), work, log)
             elif name == "noop":
-                rows += scenarios.noop(sizes, work, log)
+                rows[section[name]] += scenarios.noop(sizes, work, log)
             elif name == "cold":
-                rows += scenarios.cold(sizes, work, log)
+                rows[section[name]] += scenarios.cold(sizes, work, log)
             elif name == "scale":
-                rows += scenarios.scale(sizes, work, log)
+                rows[section[name]] += scenarios.scale(sizes, work, log)
             elif name == "claude":
-                rows += scenarios.claude(sizes, work, log)
+                rows[section[name]] += scenarios.claude(sizes, work, log)
+            elif name == "noisy":
+                noisy_results += noisy.bench(args.quick, work, log)
         # The object-store rows share one Ceph cluster, started once for them.
-        rows += objstore.run_all(list(wanted), args.quick, work, log, args.tools)
-        report = header(work, load_before, time.monotonic() - t0, args.quick)
+        rows["s3"] += objstore.run_all(list(wanted), args.quick, work, log, args.tools)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # trees and stores never outlive the run
-    text = f"{report}\n\n{table(rows)}\n"
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    if args.tools:
+        command += " --tools " + " ".join(args.tools)
+    line = run_line(work, load_before, time.monotonic() - t0, command)
+    old = args.out.read_text() if args.out is not None and args.out.exists() else None
+    text = old
+    for key, heading, names, about in SECTIONS:
+        ran = {n for n in names if n in wanted}
+        if not ran:
+            continue
+        lines = noisy.table(noisy_results) if key == "noisy" else table(rows[key])
+        if args.tools:
+            ran = set()  # only some tools' rows: every older run line stays
+        text = report.update(text, key, heading, line, about, lines.splitlines(), ran, set(names))
+    assert text is not None
+    if args.quick:
+        quick = report.TITLE + " (quick smoke test: figures mean nothing)"
+        text = text.replace(report.TITLE, quick, 1)
     print(text)
     if args.out is not None:
         args.out.write_text(text)

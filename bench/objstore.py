@@ -47,6 +47,19 @@ Log = Callable[[str], None]
 POLL = 0.2  # seconds between two LISTs of a bucket by its watcher
 TAIL = 16384  # bytes of an object's end that the watcher GETs and checks
 HOST_ID = "bench"
+# What the object-store section of bench/results.md says about how it measures.
+ABOUT = [
+    "On a single-node Ceph RGW (Debian 12 packages, memstore OSD) started by the harness "
+    "(tests/ceph.py). Each tool has its own bucket and its own counting proxy: bytes are what "
+    "crossed the wire to the engine (client → engine, headers included), requests are "
+    "counted by S3 operation at the proxy. A watcher per bucket LISTs it every 0.2 s and GETs "
+    "the last 16 KB of each changed object: lag is the time from an append (hot) or from the "
+    "end of a burst (bursty) until an object holds that line; a torn object is one whose end "
+    "is not a line end or differs from the source. The bursty and outage scenarios run all "
+    "tools at once on one tree (each into its own bucket); the hot and restart scenarios one "
+    "tool at a time. Timer peers run their command, then sleep the interval (like a cron job "
+    "or `OnUnitActiveSec=`)."
+]
 S3_SCENARIOS = ("s3-hot", "s3-burst", "s3-restart", "s3-outage")
 
 
