@@ -23,6 +23,12 @@ Parts:
 - planter: hostile entries (symlinks to a root-only secret and to other users' files and
   directories, FIFOs, sockets, hard links, foreign-owned files, sparse huge files,
   directories, users whose sessions directory is a symlink), at start and live.
+- abusers (issue 14): one extra user per abuse of bench/abuse.py (name churn, touch loop,
+  tiny-file burst, close flood, rewrite loop, hard-link fill, quota fill, shrink loop,
+  `~/user` symlink swap), each running it in episodes of a few seconds, scaled to the
+  tmpfs store, under small per-user limits (--max-user-bytes/--max-user-files). At the
+  end: each abuser holds at most its limits in the store, no hard link was copied, and no
+  incarnation logged more than 10 WARNING/ERROR lines per abuser per started minute.
 - readers: threads that read every store file again and again and check that it is a
   line-complete prefix of what its writer has written so far, and holds no secret.
 - notify: a test NOTIFY_SOCKET that records READY=1 / WATCHDOG=1 / STOPPING=1 per pid.
@@ -57,6 +63,9 @@ from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
 from session_watcher.watch import reader_index
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from bench import abuse  # noqa: E402  (the abuses of issue 14, shared with make bench)
+
 UID_BASE = 21000
 NODE_WRITE = 512 * 1024  # Node splits a large appendFile into write() calls of this size
 MAX_FILE_BYTES = 64 << 20
@@ -65,7 +74,26 @@ RSYNC_CAP = 1 << 20
 WATCHDOG_USEC = 5_000_000
 RESTART_SEC = 0.5
 SETTLE = 3.0
-STORE_SIZE = "1g"
+STORE_SIZE = "2g"
+# Per-user limits, small enough for the abusers to reach in a soak and far above what a
+# soak user writes (sessions go idle at SESSION_CAP).
+USER_BYTES = 256 << 20
+USER_FILES = 3000
+ABUSE_UID = UID_BASE + 8000
+# Each abuse's scale in the soak (bench/abuse.py; 1.0 is the issue's size): the files fit
+# the tmpfs store, and fill goes past USER_BYTES (30 x 20 MB).
+ABUSE_SCALE = {
+    "churn": 0.02,  # 1,000 names a round
+    "touch": 0.04,  # two 40 MB files
+    "burst": 0.05,  # 10,000 files renamed in
+    "closes": 1.0,
+    "rewrite": 0.05,  # 4 x 10 MB
+    "hardlink": 0.1,  # 20 MB + 30 links
+    "fill": 0.2,  # 30 x 20 MB
+    "shrink": 1.0,
+    "swap": 1.0,
+}
+LINES_PER_MINUTE = 10  # WARNING/ERROR lines one abuser may cause per started minute
 
 
 def env_int(name: str, default: int) -> int:
@@ -184,6 +212,11 @@ class Soak:
         self.readers_stop = threading.Event()
         self.users: list[User] = []
         self.attackers: set[str] = set()
+        self.abusers: dict[str, tuple[str, int]] = {}  # name -> (abuse, uid)
+        self.abuse_procs: set[subprocess.Popen[bytes]] = set()
+        self.abuse_episodes = 0
+        self.closer: Path | None = None
+        self.peak_rss_mb = 0.0
         self.by_store: dict[tuple[str, str], Session] = {}
         self.map_lock = threading.Lock()
         self.hostile_names: set[str] = set()
@@ -305,6 +338,14 @@ class Soak:
                 self.plant(u, u.rng.choice(HOSTILE_KINDS))
         self.plant_attacker("link-sessions")
         self.plant_attacker("link-user")
+        self.closer = abuse.build_closer(self.base)
+        for k, kind in enumerate(ABUSE_SCALE):
+            name, uid = f"abuser-{kind}", ABUSE_UID + k
+            home = self.home_root / name
+            for p in (home, home / "user", home / "user" / "sessions"):
+                p.mkdir(mode=0o750 if p == home else 0o700)
+                os.chown(p, uid, uid)
+            self.abusers[name] = (kind, uid)
 
     def make_home(self, u: User, *, sessions_later: float = 0.0) -> None:
         home = self.home_root / u.name
@@ -382,6 +423,53 @@ class Soak:
         with self.fig_lock:
             self.attackers.add(name)
             self.hostile += 1
+
+    def abuser(self, name: str) -> None:
+        """Run one abuse in episodes (a few seconds on, a few off) until the load stops."""
+        kind, uid = self.abusers[name]
+        rng = random.Random(self.seed + uid)
+        where = self.home_root / name / "user" / "sessions"
+        if self.stop.wait(rng.uniform(0, 5)):
+            return
+        while not self.stop.is_set():
+            seconds = rng.uniform(3, 10)
+            proc = abuse.start(
+                kind,
+                uid,
+                where,
+                seconds,
+                ABUSE_SCALE[kind],
+                self.closer,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            self.abuse_procs.add(proc)
+            try:
+                _, err = proc.communicate(timeout=seconds + 120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+                self.problem(f"abuser {name}: its episode did not end")
+            self.abuse_procs.discard(proc)
+            with self.fig_lock:
+                self.abuse_episodes += 1
+            if proc.returncode not in (0, -signal.SIGKILL) and not self.stop.is_set():
+                self.problem(f"abuser {name} exited {proc.returncode}: {err.decode()[-300:]}")
+            if self.stop.wait(rng.uniform(2, 8)):
+                return
+
+    def rss_sampler(self) -> None:
+        while not self.readers_stop.wait(0.5):
+            proc = self.current()
+            if proc is None:
+                continue
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for ln in f:
+                        if ln.startswith("VmRSS:"):
+                            self.peak_rss_mb = max(self.peak_rss_mb, int(ln.split()[1]) / 1024)
+            except OSError:
+                continue
 
     def planter(self) -> None:
         rng = random.Random(self.seed + 1)
@@ -525,8 +613,14 @@ class Soak:
             "4",
             "--max-file-bytes",
             str(MAX_FILE_BYTES),
+            "--max-user-bytes",
+            str(USER_BYTES),
+            "--max-user-files",
+            str(USER_FILES),
             "--log-level",
             "INFO",
+            "--log-format",
+            "json",
             "--state-file",
             str(self.base / "state.json"),
         ]
@@ -772,6 +866,8 @@ class Soak:
         if self.secret in data:
             with self.fig_lock:
                 self.leaked.append(f"{where}: secret bytes in {label}")
+        if user in self.abusers:
+            return  # an abuse's file: abuse_problems checks their share
         with self.map_lock:
             s = self.by_store.get((user, name))
         if s is None:
@@ -794,6 +890,8 @@ class Soak:
         with os.scandir(self.store) as top:
             dirs = [(e.name, e.path) for e in top if e.is_dir(follow_symlinks=False)]
         for user, path in dirs:
+            if user in self.abusers:
+                continue  # their files are the abuse's, checked by abuse_problems
             try:
                 with os.scandir(path) as it:
                     entries = [(e.name, e.path) for e in it]
@@ -943,6 +1041,8 @@ class Soak:
             (self.chaos, ()),
         ]
         start += [(self.drive, (u,)) for u in self.users]
+        start += [(self.abuser, (name,)) for name in self.abusers]
+        start.append((self.rss_sampler, ()))
         for fn, args in start:
             t = threading.Thread(target=fn, args=args, daemon=True, name=fn.__name__)
             t.start()
@@ -959,7 +1059,7 @@ class Soak:
         say("load and chaos stop; letting the service settle")
         self.stop.set()
         for t in self.threads:
-            if t.name in ("drive", "chaos", "planter"):
+            if t.name in ("drive", "chaos", "planter", "abuser"):
                 t.join(60)
         if self.current() is None:  # restarting after a kill
             time.sleep(RESTART_SEC + 1)
@@ -1006,7 +1106,7 @@ class Soak:
                 if code != 0:
                     self.problem(f"SIGTERM: the service exited with {code}, not 0")
         for t in self.threads:
-            if t.name in ("reader", "supervise"):
+            if t.name in ("reader", "supervise", "rss_sampler"):
                 t.join(30)
         return self.verdict()
 
@@ -1033,6 +1133,8 @@ class Soak:
         detected = self.count_log("inotify queue overflowed")
         if self.overflow_episodes and not detected:
             self.problem("no overflow was ever detected by the service")
+        for item in self.abuse_problems(self.store_usage()):
+            self.problem(item)
         for what, items in (("LOST", self.lost), ("TORN", self.torn), ("LEAKED", self.leaked)):
             for item in items[:20]:
                 say(f"{what}: {item}")
@@ -1043,22 +1145,72 @@ class Soak:
             f"{len(self.incarnations)} service starts, {detected} overflows detected, "
             f"{self.count_log('No space left')} ENOSPC copy failures logged, "
             f"{self.churn} churn events, {self.behind} files behind before the final pass, "
+            f"{len(self.abusers)} abusers in {self.abuse_episodes} episodes, "
+            f"peak RSS {self.peak_rss_mb:.0f} MB, "
             f"{len(self.problems)} other problems"
         )
         print(
             f"soak: {self.seconds} s, {self.nusers} users, {self.appends:,} appends, "
             f"{self.kills} kill -9, {detected} overflows, {self.enospc} ENOSPC episodes, "
             f"{self.hostile} hostile entries, {len(self.lost)} lost, {len(self.torn)} torn, "
-            f"{len(self.leaked)} leaked",
+            f"{len(self.leaked)} leaked, {len(self.abusers)} abusers "
+            f"({self.abuse_episodes} episodes, peak RSS {self.peak_rss_mb:.0f} MB)",
             flush=True,
         )
         if not ok:
             say(f"FAILED (seed {self.seed}); service logs kept in {self.logdir}")
         return 0 if ok else 1
 
+    def store_usage(self) -> dict[str, list[tuple[str, int]]]:
+        """(name, size) of each file each abuser holds in the store."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for name in self.abusers:
+            d = self.store / name
+            for entry in os.scandir(d) if d.is_dir() else ():
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and not entry.name.startswith(TEMP_PREFIX):
+                    out.setdefault(name, []).append((entry.name, st.st_size))
+        return out
+
+    def abuse_problems(self, usage: dict[str, list[tuple[str, int]]]) -> list[str]:
+        """Issue 14's invariants: the abusers' shares of the store within the per-user
+        limits, no hard link copied, and the log lines each abuser caused limited."""
+        out: list[str] = []
+        for name, held in usage.items():
+            if self.abusers[name][0] == "hardlink" and held:
+                out.append(f"{name}: a hard-linked file reached the store: {held[0][0]!r}")
+            nbytes = sum(size for _, size in held)
+            if nbytes > USER_BYTES or len(held) > USER_FILES:
+                out.append(f"{name}: holds {nbytes:,} bytes in {len(held):,} files, over limits")
+        for inc in self.incarnations:
+            minutes = max(1, -(-int(inc.get("end", time.time()) - inc["start"]) // 60))
+            counts: dict[str, int] = {}
+            with open(inc["log"], "rb") as f:
+                for raw in f:
+                    try:
+                        doc = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if doc.get("user") in self.abusers and doc.get("level") in (
+                        "WARNING",
+                        "ERROR",
+                    ):
+                        counts[doc["user"]] = counts.get(doc["user"], 0) + 1
+            for user, n in counts.items():
+                if n > LINES_PER_MINUTE * minutes:
+                    out.append(
+                        f"pid {inc['pid']}: {n} WARNING/ERROR lines for {user} in {minutes} min"
+                    )
+        if self.peak_rss_mb > 300:
+            out.append(f"the service's RSS reached {self.peak_rss_mb:.0f} MB")
+        return out
+
     def cleanup(self, ok: bool) -> None:
         self.stop.set()
         self.readers_stop.set()
+        for p in list(self.abuse_procs):
+            with contextlib.suppress(OSError):
+                p.kill()
         with self.proc_lock:
             if self.incarnations:
                 self.incarnations[-1]["final"] = True

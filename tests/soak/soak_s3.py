@@ -209,7 +209,7 @@ class SoakS3(Soak):
                 if reverse:
                     objs.reverse()
                 for user, name, key, etag in objs:
-                    if seen.get(key) == etag:
+                    if seen.get(key) == etag or user in self.abusers:
                         continue
                     try:
                         got = self.get(s3, key)
@@ -301,6 +301,12 @@ class SoakS3(Soak):
             for user, _, key, _ in objs:
                 if user in self.attackers:
                     self.leaked.append(f"object for attacker {user}: {key!r}")
+            usage: dict[str, list[tuple[str, int]]] = {}
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+                for o in page.get("Contents", []):
+                    user, _, name = str(o["Key"])[len(PREFIX) :].partition("/")
+                    if user in self.abusers:
+                        usage.setdefault(user, []).append((name, int(o["Size"])))
             uploads = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
             self.orphaned = [f"{u['Key']!r} ({u['UploadId']})" for u in uploads]
             self.check_index(s3, objs)
@@ -313,6 +319,8 @@ class SoakS3(Soak):
         detected = self.count_log("inotify queue overflowed")
         if self.overflow_episodes and not detected:
             self.problem("no overflow was ever detected by the service")
+        for item in self.abuse_problems(usage):
+            self.problem(item)
         for what, items in (("LOST", self.lost), ("TORN", self.torn), ("LEAKED", self.leaked)):
             for item in items[:20]:
                 say(f"{what}: {item}")
@@ -333,7 +341,8 @@ class SoakS3(Soak):
             f"({self.cluster_restarts} whole cluster), {self.stalled} stalled connections, "
             f"{self.dropped} dropped, {self.hostile} hostile entries, {len(self.lost)} lost, "
             f"{len(self.torn)} torn, {len(self.leaked)} leaked, "
-            f"{len(self.orphaned)} orphaned uploads",
+            f"{len(self.orphaned)} orphaned uploads, {len(self.abusers)} abusers "
+            f"({self.abuse_episodes} episodes, peak RSS {self.peak_rss_mb:.0f} MB)",
             flush=True,
         )
         if not ok:
