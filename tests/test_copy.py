@@ -728,3 +728,61 @@ def test_enospc_fails_the_file_removes_the_temp_and_logs_one_line(
     errors = log_lines(caplog.records, logging.ERROR)
     assert len(errors) == 1
     assert "'alice/big.jsonl'" in errors[0] and "ENOSPC" in errors[0]
+
+
+# --- large copies are written back in chunks -------------------------------------------------
+
+
+def test_a_large_copy_goes_to_disk_chunk_by_chunk_and_stays_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fdatasync comes when at most one chunk is unsynced, so a big copy never leaves
+    more than a chunk of dirty data for other users' fsyncs to wait behind; the bytes are
+    exact whichever kernel path copies them."""
+    chunk = 64 << 10
+    data = os.urandom(chunk * 7 + 1234)
+    src_path = tmp_path / "src"
+    src_path.write_bytes(data)
+    synced_at: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced_at.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    for use_sendfile in (False, True):
+        if use_sendfile:  # the fallback when copy_file_range cannot (EXDEV, ENOSYS, ...)
+
+            def no_cfr(*args: object) -> int:
+                raise OSError(errno.EXDEV, "cross-device")
+
+            monkeypatch.setattr(os, "copy_file_range", no_cfr)
+        synced_at.clear()
+        dst_path = tmp_path / f"dst-{use_sendfile}"
+        src = os.open(src_path, os.O_RDONLY)
+        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            assert copy_mod._copy_bytes(src, dst, len(data), chunk) == len(data)
+        finally:
+            os.close(src)
+            os.close(dst)
+        assert dst_path.read_bytes() == data
+        # Synced after every full chunk but the last part (the caller's fsync takes it).
+        assert synced_at == [chunk * k for k in range(1, 8)]
+
+
+def test_a_small_copy_is_one_write_with_no_extra_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", calls.append)
+    (tmp_path / "src").write_bytes(b'{"a":1}\n' * 1000)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        assert copy_mod._copy_bytes(src, dst, 8000) == 8000
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert calls == []

@@ -96,12 +96,12 @@ def test_copy_holds_the_lock_on_its_temp_file_until_the_rename(tree: Tree) -> No
     seen: list[int] = []
     real = copy_mod._copy_bytes
 
-    def spy(src: int, dst: int, length: int) -> int:
+    def spy(src: int, dst: int, length: int, chunk: int | None = None) -> int:
         dir_fd = user_store.fd(create=False)
         assert dir_fd is not None
         old = time.time() + ORPHAN_TEMP_SECONDS + 1
         seen.append(store.remove_stale_temps(dir_fd, "alice", now=old))
-        return real(src, dst, length)
+        return real(src, dst, length, chunk)
 
     src_fd = os.open(tree.users["alice"].sessions, os.O_RDONLY | os.O_DIRECTORY)
     copy_mod._copy_bytes = spy
