@@ -82,7 +82,9 @@ def _commit() -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
 
     sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # The report itself is written by every run: only a change to anything else is "dirty".
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results.md")
+    return sha + ("-dirty" if dirty else "")
 
 
 def run_line(work: Path, load_before: str, elapsed: float, command: str) -> str:
