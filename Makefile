@@ -35,15 +35,16 @@ soak: $(STAMP)  ## the full soak (about SOAK_SECONDS + 30 s)
 soak-quick: $(STAMP)  ## the CI soak, about 30 s
 	SOAK_SECONDS=$${SOAK_SECONDS:-30} $(BIN)/python tests/soak/soak.py
 
-# Benchmarks against the peers (issue 4). As root, installs rsync/lsyncd/inotify-tools when
-# missing; trees go under $$BENCH_DIR (default /var/tmp) and are removed at the end.
-# The object-store rows (issue 12: s3-hot s3-burst s3-restart s3-outage) run on a Ceph RGW
-# started for them (tests/ceph.py) against rclone and aws s3 sync (installed when missing);
-# alone: `python -m bench --only s3-hot s3-burst s3-restart s3-outage`.
-bench: $(STAMP)  ## full benchmark (about 15 min on 2 cores, plus the object-store rows): prints the table, writes bench/results.md
+# Benchmarks (as root): the peers (issue 4: rsync, lsyncd, inotifywait, installed when
+# missing), the Claude Code layout (issue 13), the object store on a Ceph RGW started for
+# it against rclone and aws s3 sync (issue 12), the noisy neighbour (issue 14). Trees go
+# under $$BENCH_DIR (default /var/tmp) and are removed at the end. bench/results.md has a
+# section per group: `python -m bench --only noisy --out bench/results.md` reruns one and
+# keeps the others (see `python -m bench --help` for the scenario names).
+bench: $(STAMP)  ## full benchmark (about 100 min on 2 cores): prints the report, writes bench/results.md
 	$(BIN)/python -m bench --out bench/results.md
 
-bench-quick: $(STAMP)  ## smoke test of the benchmark harness (< 2 min); its figures mean nothing
+bench-quick: $(STAMP)  ## smoke test of the benchmark harness (a few minutes); its figures mean nothing
 	$(BIN)/python -m bench --quick
 
 demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies landing, a clean stop
