@@ -297,4 +297,5 @@ class LiveCopier:
         if retry is not None:
             self.queue.submit(key, delay=retry)
         elif result.recheck_at is not None:
-            self.queue.submit(key, delay=max(0.0, result.recheck_at - self._wall()))
+            delay = max(0.0, result.recheck_at - self._wall())
+            self.queue.submit(key, delay=delay, shed_quietly=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -131,6 +132,7 @@ def reconcile(
     guard: Callable[[str], AbstractContextManager[None]] | None = None,
     beat: Callable[[], None] | None = None,
     watches: DirWatches | None = None,
+    admit: Callable[[str, int], float] | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
@@ -143,7 +145,9 @@ def reconcile(
     `limiter` limits log lines per user and kind (default: one per user and kind per
     minute, for this pass); `guard(user)` wraps each user's I/O (the service's stuck
     guard: a user whose file system blocks is skipped, not waited for); `watches` is told
-    of every directory below a sessions directory (`DirWatches`).
+    of every directory below a sessions directory (`DirWatches`); `admit(user, nbytes)` is
+    the user's byte budget (`ByteBudget.admit`): a copy it holds back is a SKIPPED result
+    with `recheck_at` (None: copies go at disk speed, as in a cold start).
     """
     own_store = store is None
     if store is None:
@@ -162,6 +166,7 @@ def reconcile(
             guard,
             beat,
             watches,
+            admit,
         )
     finally:
         if own_store:
@@ -181,6 +186,7 @@ def _reconcile(
     guard: Callable[[str], AbstractContextManager[None]] | None,
     beat: Callable[[], None] | None,
     watches: DirWatches | None,
+    admit: Callable[[str, int], float] | None,
 ) -> PassStats:
     if limiter is None:
         limiter = LogLimiter()
@@ -212,6 +218,19 @@ def _reconcile(
                 total = len(homes)
                 progress(Progress(0, total, 0))
                 on_result = _with_progress(on_result, progress, stats, total)
+            ctx = _Pass(
+                config,
+                store,
+                dry_run,
+                stats,
+                on_result,
+                stop,
+                pool,
+                limiter,
+                beat,
+                watches,
+                admit,
+            )
             visited: set[str] = set()
             for home in homes:
                 if stop is not None and stop.is_set():
@@ -221,22 +240,7 @@ def _reconcile(
                 visited.add(home.name)  # its store directory is swept by its own pass
                 try:
                     with each(home.name):
-                        if _pass_home(
-                            config,
-                            home_fd,
-                            home,
-                            store,
-                            store_fd,
-                            dry_run,
-                            now(),
-                            stats,
-                            on_result,
-                            stop,
-                            pool,
-                            limiter,
-                            beat,
-                            watches,
-                        ):
+                        if _pass_home(ctx, home_fd, home, store_fd, now()):
                             stats.users_processed += 1
                 except UserStuck:
                     log.debug("pass: user %s is stuck; skipped", escape(home.name))
@@ -287,41 +291,29 @@ def _no_guard(user: str) -> Iterator[None]:
     yield
 
 
-def _pass_home(
-    config: Config,
-    home_fd: int,
-    home: Home,
-    store: Store,
-    store_fd: int | None,
-    dry_run: bool,
-    now: float,
-    stats: PassStats,
-    on_result: Callable[[SourceDir, str, Result], None] | None,
-    stop: threading.Event | None,
-    pool: ThreadPoolExecutor | None,
-    limiter: LogLimiter,
-    beat: Callable[[], None] | None = None,
-    watches: DirWatches | None = None,
-) -> bool:
-    source = walk_user(home_fd, home, config, limiter)
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """What one pass's per-user steps share (see `reconcile` for each)."""
+
+    config: Config
+    store: Store
+    dry_run: bool
+    stats: PassStats
+    on_result: Callable[[SourceDir, str, Result], None] | None
+    stop: threading.Event | None
+    pool: ThreadPoolExecutor | None
+    limiter: LogLimiter
+    beat: Callable[[], None] | None
+    watches: DirWatches | None
+    admit: Callable[[str, int], float] | None
+
+
+def _pass_home(ctx: _Pass, home_fd: int, home: Home, store_fd: int | None, now: float) -> bool:
+    source = walk_user(home_fd, home, ctx.config, ctx.limiter)
     if source is None:
         return False
     try:
-        return _pass_user(
-            config,
-            store,
-            store_fd,
-            source,
-            dry_run,
-            now,
-            stats,
-            on_result,
-            stop,
-            pool,
-            limiter,
-            beat,
-            watches,
-        )
+        return _pass_user(ctx, store_fd, source, now)
     finally:
         os.close(source.fd)
 
@@ -365,27 +357,24 @@ def _sweep_other_store_dirs(store: Store, store_fd: int, visited: set[str]) -> N
             os.close(fd)
 
 
-def _pass_user(
-    config: Config,
-    store: Store,
-    store_fd: int | None,
-    source: SourceDir,
-    dry_run: bool,
-    now: float,
-    stats: PassStats,
-    on_result: Callable[[SourceDir, str, Result], None] | None,
-    stop: threading.Event | None = None,
-    pool: ThreadPoolExecutor | None = None,
-    limiter: LogLimiter | None = None,
-    beat: Callable[[], None] | None = None,
-    watches: DirWatches | None = None,
-) -> bool:
+def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) -> bool:
     """One user's files, at every level down to --depth (`homes.Walk`); True when the user
     had at least one qualifying file. `stop` is checked before each file, so a service
     asked to stop is not held by a big home. Up-to-date files are counted here, without a
     Result or `on_result`; the others go through `sync_file`, on `pool` when there is one.
     `watches` (the service's) is told of each directory below the sessions directory as
-    the walk enters it, before it is listed: a file closed in it after that is an event."""
+    the walk enters it, before it is listed: a file closed in it after that is an event.
+    A copy over the user's byte budget (`admit`) is left for the live queue to pace."""
+    config, store, dry_run, stats, on_result = (
+        ctx.config,
+        ctx.store,
+        ctx.dry_run,
+        ctx.stats,
+        ctx.on_result,
+    )
+    stop, pool, limiter, beat, watches = ctx.stop, ctx.pool, ctx.limiter, ctx.beat, ctx.watches
+    user = source.user
+    admit = None if ctx.admit is None else functools.partial(ctx.admit, user)
     user_store = store.user_store(store_fd, source.user)
     seen = False
     unusable: OSError | None = None
@@ -404,6 +393,7 @@ def _pass_user(
             dry_run=dry_run,
             lstat=st,
             limiter=limiter,
+            admit=admit,
         )
         stats.record(result)
         if on_result is not None:

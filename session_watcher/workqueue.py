@@ -124,8 +124,18 @@ class WorkQueue:
 
     # --- submitting ----------------------------------------------------------------------
 
-    def submit(self, key: Hashable, *, trigger: float | None = None, delay: float = 0.0) -> None:
-        """Ask for `key` to be handled (again) no sooner than `delay` seconds from now."""
+    def submit(
+        self,
+        key: Hashable,
+        *,
+        trigger: float | None = None,
+        delay: float = 0.0,
+        shed_quietly: bool = False,
+    ) -> None:
+        """Ask for `key` to be handled (again) no sooner than `delay` seconds from now.
+        `shed_quietly`: past the user's bound the key is dropped without `on_shed` (a pass
+        submitting what it held back: asking for another pass would only walk the same
+        directory again while the queue is full; the next periodic pass finds it)."""
         now = self._clock()
         delay = min(max(0.0, delay), MAX_DELAY)  # a user-set mtime in year 2500 included
         shed: Hashable | None = None
@@ -145,7 +155,7 @@ class WorkQueue:
                     e = self._entries[key] = _Entry()
             if e is not None:
                 self._ask(u, user, key, e, now, delay, trigger)
-        if shed is not None and self._on_shed is not None:
+        if shed is not None and self._on_shed is not None and not shed_quietly:
             self._on_shed(shed)
 
     def _ask(

@@ -14,6 +14,8 @@ import pytest
 from helpers import IS_ROOT, STATS_KEYS, TEST_GID, Tree, log_lines, root_only, snapshot
 
 from session_watcher import Config, PassStats, reconcile
+from session_watcher.copy import Outcome, Result, SourceDir
+from session_watcher.ratelimit import ByteBudget
 from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
 
 LINE = b'{"type":"user","message":"hi"}\n'
@@ -531,3 +533,35 @@ def test_a_store_side_stat_error_fails_that_file_alone(
         "bob/b.jsonl": LINE,
     }
     assert "gone" in swept  # the pass went on to its sweep of the other store directories
+
+
+def test_a_pass_given_a_byte_budget_copies_within_it_and_holds_back_the_rest(
+    tree: Tree,
+) -> None:
+    """The service's passes after the first share each user's live budget: a user who
+    renamed in thousands of files gets their copies paced, not a pass at disk speed; the
+    rest come back SKIPPED with a time to look again, and other users are not held."""
+    tree.add_user("flood")
+    tree.add_user("quiet")
+    for i in range(40):
+        tree.write("flood", f"f{i:02d}.jsonl", LINE)
+    tree.write("quiet", "q.jsonl", LINE)
+    clock = [1000.0]
+    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10, clock=lambda: clock[0])
+    held: list[tuple[str, float]] = []
+
+    def on_result(source: SourceDir, name: str, result: Result) -> None:
+        if result.outcome is Outcome.SKIPPED:
+            assert result.recheck_at is not None
+            held.append((name, result.recheck_at))
+
+    t0 = time.time()
+    stats = reconcile(tree.config(), admit=budget.admit, on_result=on_result)
+    stored = stored_tree(tree)
+    assert sum(1 for k in stored if k.startswith("flood/")) == 10  # the burst, no more
+    assert "quiet/q.jsonl" in stored  # its own budget
+    assert stats.files_copied == 11 and len(held) == 30
+    assert all(at > t0 for _, at in held)
+    # Without a budget (a cold start) the pass copies the rest at once.
+    rest = reconcile(tree.config())
+    assert rest.files_copied == 30
