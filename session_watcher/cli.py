@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MB/s one user's files may make the service write; 0 = unlimited (default 32)",
     )
     run.add_argument(
+        "--user-copies-s",
+        metavar="N",
+        help="copies a second one user's files may cause; 0 = unlimited (default 100)",
+    )
+    run.add_argument(
         "--upload-interval",
         metavar="SECONDS",
         help="s3://: a growing transcript goes up at least this often (default 30)",

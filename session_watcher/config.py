@@ -93,6 +93,10 @@ class Config:
     # What one user's files may make the service write, live: MB/s with a burst of 16 s of
     # it. Copies of up to 1 MiB are never held back by it (see ratelimit.ByteBudget).
     user_write_mb_s: float = 32.0
+    # Copies one user's files may cause a second, with a burst of 10 s of it: about ten
+    # times Claude Code's busiest session (a flush every 100 ms, a few subagents beside
+    # it). Each copy costs two fsyncs on the disk every user shares.
+    user_copies_s: float = 100.0
     # Directories and files below a home on another file system than the home are refused
     # (like rsync -x), unless the operator mounts parts of homes on purpose.
     cross_mounts: bool = False
@@ -168,6 +172,8 @@ def _check(c: Config) -> None:
         )
     if not 0 <= c.user_write_mb_s <= 1e6:
         raise ConfigError(f"user write rate must be 0..1000000 MB/s, got {c.user_write_mb_s}")
+    if not 0 <= c.user_copies_s <= 1e6:
+        raise ConfigError(f"user copy rate must be 0..1000000 copies/s, got {c.user_copies_s}")
     if not 0 <= c.settle <= 86400:
         raise ConfigError(f"settle must be 0..86400 seconds, got {c.settle}")
     if not 0 <= c.reconcile_interval <= 7 * 86400:
@@ -280,6 +286,7 @@ PARSERS: dict[str, Any] = {
     "max_user_bytes": _parse_int,
     "max_user_files": _parse_int,
     "user_write_mb_s": _parse_float,
+    "user_copies_s": _parse_float,
     "cross_mounts": _parse_bool,
     "settle": _parse_float,
     "log_level": lambda s: s.strip().upper(),

@@ -75,7 +75,11 @@ class LiveCopier:
         self._clock = clock
         self._wall = wall
         self.budget = ByteBudget(
-            config.user_write_mb_s * 1e6, config.user_write_mb_s * 16e6, clock=clock
+            config.user_write_mb_s * 1e6,
+            config.user_write_mb_s * 16e6,
+            copies=config.user_copies_s,
+            copies_burst=config.user_copies_s * 10,
+            clock=clock,
         )
         self.queue = WorkQueue(self.handle, workers=config.workers, on_shed=on_shed, clock=clock)
         self._failed: dict[Hashable, float] = {}  # key -> when its copies started failing

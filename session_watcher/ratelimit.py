@@ -169,8 +169,9 @@ class ByteBudget:
         self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
 
     def admit(self, user: str, nbytes: int) -> float:
-        """0.0: write `nbytes` now (charged). Otherwise the seconds to wait (not charged)."""
-        if self.rate <= 0:  # 0 = no budget
+        """0.0: write `nbytes` now (charged). Otherwise the seconds to wait (not charged).
+        A rate of 0 (bytes or copies) is no limit on that."""
+        if self.rate <= 0 and self.copies <= 0:
             return 0.0
         now = self._clock()
         with self._lock:
@@ -186,15 +187,17 @@ class ByteBudget:
                     self._buckets.popitem(last=False)
             self._buckets.move_to_end(user)
             b, c = pair
-            wait = c.wait_for(1.0, now)
+            wait = c.wait_for(1.0, now) if self.copies > 0 else 0.0
             if wait > 0:
                 return wait
-            if nbytes > self.small:
+            if self.rate > 0 and nbytes > self.small:
                 wait = b.wait_for(min(float(nbytes), self.burst), now)
                 if wait > 0:
                     return wait
             else:
                 b.refill(now)
-            b.tokens -= nbytes
-            c.tokens -= 1.0
+            if self.rate > 0:
+                b.tokens -= nbytes
+            if self.copies > 0:
+                c.tokens -= 1.0
             return 0.0

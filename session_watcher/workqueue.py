@@ -57,6 +57,7 @@ class _User:
     pending: int = 0
     running: bool = False
     ready: bool = False  # in the round-robin deque
+    owed: bool = False  # keys were shed quietly: `on_shed` once the pending ones are done
 
 
 # handler(key, trigger) -> optional delay in seconds after which to run the key again
@@ -97,6 +98,7 @@ class WorkQueue:
         self._wanted = workers
         self._live = 0
         self._threads: list[threading.Thread] = []
+        self._owed: list[Hashable] = []  # users whose quiet shed is now due (see submit)
         self._started = False
 
     def start(self) -> None:
@@ -133,9 +135,10 @@ class WorkQueue:
         shed_quietly: bool = False,
     ) -> None:
         """Ask for `key` to be handled (again) no sooner than `delay` seconds from now.
-        `shed_quietly`: past the user's bound the key is dropped without `on_shed` (a pass
-        submitting what it held back: asking for another pass would only walk the same
-        directory again while the queue is full; the next periodic pass finds it)."""
+        `shed_quietly`: past the user's bound the key is dropped, and `on_shed` is called
+        only once the user's pending keys are all done (a pass submitting what it held
+        back: asking for the next pass at once would only walk the same directory again
+        while the queue is still full)."""
         now = self._clock()
         delay = min(max(0.0, delay), MAX_DELAY)  # a user-set mtime in year 2500 included
         shed: Hashable | None = None
@@ -149,13 +152,16 @@ class WorkQueue:
             e = self._entries.get(key)
             if e is None or not e.pending:
                 if u.pending >= self._max_pending:
-                    shed = user
+                    if shed_quietly:
+                        u.owed = True
+                    else:
+                        shed = user
                     e = None
                 elif e is None:
                     e = self._entries[key] = _Entry()
             if e is not None:
                 self._ask(u, user, key, e, now, delay, trigger)
-        if shed is not None and self._on_shed is not None and not shed_quietly:
+        if shed is not None and self._on_shed is not None:
             self._on_shed(shed)
 
     def _ask(
@@ -290,6 +296,9 @@ class WorkQueue:
                 e.pending = False
                 e.running = True
                 u.pending -= 1
+                if u.owed and u.pending == 0:
+                    u.owed = False
+                    self._owed.append(user)
                 u.running = True
                 trigger, e.trigger = e.trigger, None
                 self._busy += 1
@@ -320,10 +329,21 @@ class WorkQueue:
                     continue
                 if job is None:
                     return
+                self._pay_owed()
                 self._run(*job)
         finally:
             with self._cond:
                 self._live -= 1
+
+    def _pay_owed(self) -> None:
+        with self._cond:
+            owed, self._owed = self._owed, []
+        for user in owed:
+            if self._on_shed is not None:
+                try:
+                    self._on_shed(user)
+                except Exception:  # nothing may kill a worker
+                    log.exception("work queue: on_shed failed")
 
     def _run(self, key: Hashable, trigger: float | None) -> None:
         again: float | None = None

@@ -197,16 +197,27 @@ def test_pending_work_is_bounded_per_user_and_every_shed_key_reported(rec: Recor
     assert len(q) == 11  # memory follows the bound, not the 1,000 events
 
 
-def test_a_pass_resubmitting_what_it_held_back_sheds_quietly(rec: Recorder) -> None:
+def test_a_pass_resubmitting_what_it_held_back_sheds_quietly_until_the_queue_drains(
+    rec: Recorder,
+) -> None:
     """A pass's held-back copies go to the queue; past the bound they are dropped without
-    asking for another pass (which would walk the same directory again at once)."""
+    asking for a pass at once (it would walk the same directory again while the queue is
+    full), and the pass is asked for once the user's pending keys are done."""
     shed: list[Hashable] = []
     q = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=10, on_shed=shed.append)
     for i in range(100):
-        q.submit(("flood", f"f{i}"), delay=1.0, shed_quietly=True)
+        q.submit(("flood", f"f{i}"), shed_quietly=True)
     assert q.pending("flood") == 10 and shed == []
-    q.submit(("flood", "event"))  # an event past the bound still asks for the pass
-    assert shed == ["flood"]
+    q.start()
+    try:
+        wait_for(lambda: shed == ["flood"], what="the pass asked for once the queue drained")
+        assert sum(rec.count(("flood", f"f{i}")) for i in range(100)) == 10
+    finally:
+        q.stop()
+    q2 = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=1, on_shed=shed.append)
+    q2.submit(("x", "a"))
+    q2.submit(("x", "b"))  # an event past the bound still asks for the pass at once
+    assert shed == ["flood", "x"]
 
 
 def test_extra_workers_replace_stuck_ones_and_go_again(rec: Recorder) -> None:
