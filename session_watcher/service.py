@@ -244,7 +244,6 @@ class Service:
 
     def run_pass(self, users: set[str] | None) -> None:
         full = users is None
-        cold = not self._first_pass.is_set()  # (a nested layout is READY before it ends)
         if full:
             # A full pass also re-checks which directories are watched (watches first, so
             # nothing closed during the pass is lost), and looks the group up again: it
@@ -275,11 +274,13 @@ class Service:
             guard=self.guard.io,
             beat=self.guard.beat,
             watches=self.watcher if self.config.depth > 1 else None,
-            # The first pass copies at disk speed (a cold start, nothing to be fair to
-            # yet); every later one within each user's byte budget, like a live copy: an
-            # overflow repair over a user who renamed in 200,000 files must not make the
-            # service fsync at disk speed on everyone's disk.
-            admit=None if cold else self.live.budget.admit,
+            # Within each user's byte budget, like a live copy: an overflow repair over a
+            # user who renamed in 200,000 files must not make the service fsync at disk
+            # speed on everyone's disk, nor (the first pass after a restart) put 3,000
+            # objects of one user before anyone else's. What is over goes to the live
+            # queue, which serves users round robin (a cold start of a normal user is
+            # within the burst: 1,000 copies and 512 MB).
+            admit=self.live.budget.admit,
         )
         self.reporter.pass_done(stats, full=full)
         if full and not self._first_pass.is_set() and not self._stop.is_set():

@@ -816,7 +816,10 @@ def test_a_big_home_is_slow_not_stuck(tree: Tree, service: StartFn) -> None:
         p.write_bytes(line(i))
         os.chown(p, big.uid, big.gid)
     t0 = time.monotonic()
-    w = service("--stuck-after", "1", ready=False)
+    # Unlimited copies a second: the pass must copy all 3,000 itself, one quick call after
+    # another, for longer than --stuck-after (with the default budget it would hand 2,000
+    # of them to the live queue and be over in a moment).
+    w = service("--stuck-after", "1", "--user-copies-s", "0", ready=False)
     w.wait_doc(lambda d: d["msg"].startswith("ready: watching"), timeout=60)
     took = time.monotonic() - t0
     assert sum(1 for _ in os.scandir(tree.target / "big")) == n

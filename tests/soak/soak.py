@@ -213,6 +213,7 @@ class Soak:
         self.users: list[User] = []
         self.attackers: set[str] = set()
         self.abusers: dict[str, tuple[str, int]] = {}  # name -> (abuse, uid)
+        self.abuse_scale = dict(ABUSE_SCALE)
         self.abuse_procs: set[subprocess.Popen[bytes]] = set()
         self.abuse_episodes = 0
         self.closer: Path | None = None
@@ -339,7 +340,7 @@ class Soak:
         self.plant_attacker("link-sessions")
         self.plant_attacker("link-user")
         self.closer = abuse.build_closer(self.base)
-        for k, kind in enumerate(ABUSE_SCALE):
+        for k, kind in enumerate(self.abuse_scale):
             name, uid = f"abuser-{kind}", ABUSE_UID + k
             home = self.home_root / name
             for p in (home, home / "user", home / "user" / "sessions"):
@@ -438,7 +439,7 @@ class Soak:
                 uid,
                 where,
                 seconds,
-                ABUSE_SCALE[kind],
+                self.abuse_scale[kind],
                 self.closer,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -61,6 +61,11 @@ def supports_s3() -> bool:
 class SoakS3(Soak):
     def __init__(self) -> None:
         super().__init__()
+        # No issue-14 abusers here: one memstore Ceph on the soak's two cores takes about
+        # 30 PUTs/s, so one abuser's thousand tiny files already hold every other user's
+        # uploads for half a minute (per-user budgets do not bound the engine's share;
+        # see the README). The object store's own faults are what this soak is about.
+        self.abuse_scale = {}
         self.rgw: Rgw | None = None
         self.proxy: Proxy | None = None
         self.state_dir = self.base / "state"
@@ -295,6 +300,8 @@ class SoakS3(Soak):
         try:
             objs = self.objects(s3)
             for user, name, key, _ in objs:
+                if user in self.abusers:
+                    continue  # an abuse's object: abuse_problems checks their share
                 got = self.get(s3, key)
                 if got is not None:
                     self.check_file(user, name, got[0], "final")
