@@ -64,7 +64,7 @@ from session_watcher.watch import reader_index
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench import abuse  # noqa: E402  (the abuses of issue 14, shared with make bench)
+from bench import abuse, noisy  # noqa: E402  (issue 14's abuses and RSS probe, as make bench's)
 
 UID_BASE = 21000
 NODE_WRITE = 512 * 1024  # Node splits a large appendFile into write() calls of this size
@@ -464,13 +464,7 @@ class Soak:
             proc = self.current()
             if proc is None:
                 continue
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    for ln in f:
-                        if ln.startswith("VmRSS:"):
-                            self.peak_rss_mb = max(self.peak_rss_mb, int(ln.split()[1]) / 1024)
-            except OSError:
-                continue
+            self.peak_rss_mb = max(self.peak_rss_mb, noisy.rss_mb(proc.pid))
 
     def planter(self) -> None:
         rng = random.Random(self.seed + 1)
