@@ -17,7 +17,7 @@ from .config import Config
 from .copy import Outcome, Result, SourceDir, sync_file
 from .homes import HomeRefused, Walk, log_home_refused, open_home, open_source_path, say_refused
 from .logfmt import fields
-from .ratelimit import ByteBudget, LogLimiter
+from .ratelimit import SMALL_COPY, ByteBudget, LogLimiter
 from .safefs import Refused, close_quietly, errno_name, escape, open_root_dir
 from .store import Store, UserStore
 from .stuck import StuckGuard, UserStuck
@@ -184,7 +184,7 @@ class LiveCopier:
                 now=self._wall(),
                 since=trigger,
                 limiter=self.limiter,
-                admit=lambda n: self.budget.admit(user, n),
+                admit=lambda n: self._admit(user, n),
                 force=force,
                 copied_id=copied_id,
             )
@@ -207,6 +207,16 @@ class LiveCopier:
             if source is not None:
                 os.close(source.fd)
             close_quietly(home_fd)
+
+    def _admit(self, user: str, nbytes: int) -> float:
+        """The user's budget for one copy. A small copy told "later" means the user's copies
+        per second are spent: the queue rests the user that long, so their other due keys
+        are not opened only to be refused. A big copy may wait on bytes alone, which must
+        not hold back the user's small transcripts: only that key waits."""
+        wait = self.budget.admit(user, nbytes)
+        if wait > 0 and nbytes <= SMALL_COPY:
+            self.queue.rest(user, wait)
+        return wait
 
     def _walk_dir(self, user: str, rel: str) -> None:
         """A worker's walk of one new (or newly active) directory below `user`'s sessions
@@ -302,4 +312,4 @@ class LiveCopier:
             self.queue.submit(key, delay=retry)
         elif result.recheck_at is not None:
             delay = max(0.0, result.recheck_at - self._wall())
-            self.queue.submit(key, delay=delay, shed_quietly=True)
+            self.queue.submit(key, delay=delay)

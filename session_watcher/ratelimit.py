@@ -133,6 +133,9 @@ class TokenBucket:
 # 50,000 names in and out must not turn the disk into a queue in front of the others.
 COPIES_PER_SECOND = 100.0
 COPIES_BURST = 1000.0
+# A copy this small is never held back by bytes, only by copies: told "later", the user's
+# copies per second are spent, for every file of theirs.
+SMALL_COPY = 1 << 20
 
 
 class ByteBudget:
@@ -152,7 +155,7 @@ class ByteBudget:
         rate: float,
         burst: float,
         *,
-        small: int = 1 << 20,
+        small: int = SMALL_COPY,
         copies: float = COPIES_PER_SECOND,
         copies_burst: float = COPIES_BURST,
         clock: Callable[[], float] = time.monotonic,

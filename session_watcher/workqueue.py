@@ -11,11 +11,14 @@ fsync on a busy disk must not hold back the next copy of a small file.
 
 Fairness: due keys are served round robin by user, one running job per user. A user with
 200,000 pending files waits behind their own files, never in front of another user's, and a
-user whose file system blocks holds one worker (which the service replaces: `add_worker`).
-Pending keys are bounded per user; past the bound new keys are shed and `on_shed(user)` is
-called for each (the service answers with a pass over that user, which the walker coalesces:
-nothing is lost). Each, not once per episode: a pass asked for at the first shed key may
-list the directory before the later ones exist (20,000 files renamed in, 182 never copied).
+user whose file system blocks holds one worker (which the service replaces: `add_worker`),
+and a user whose budget is spent rests (`rest`): none of their keys is taken until then.
+Pending keys are bounded per user; past the bound new keys are shed, and `on_shed(user)` is
+called once the user's pending keys are all taken (the service answers with a pass over that
+user: nothing is lost). Not at the shed itself: a pass then would walk the directory while the
+queue is still full, and, asked for at the first shed key of a burst, may list it before the
+later ones exist (20,000 files renamed in, 182 never copied); asked for at every shed key, it
+runs back to back for as long as the burst lasts (a pass storm every other user waits on).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class _User:
     pending: int = 0
     running: bool = False
     ready: bool = False  # in the round-robin deque
-    owed: bool = False  # keys were shed quietly: `on_shed` once the pending ones are done
+    owed: bool = False  # keys were shed: `on_shed` once the pending ones are taken
+    rest_until: float = float("-inf")  # none of the user's keys runs before (see `rest`)
 
 
 # handler(key, trigger) -> optional delay in seconds after which to run the key again
@@ -132,19 +136,14 @@ class WorkQueue:
         *,
         trigger: float | None = None,
         delay: float = 0.0,
-        shed_quietly: bool = False,
-    ) -> None:
+    ) -> bool:
         """Ask for `key` to be handled (again) no sooner than `delay` seconds from now.
-        `shed_quietly`: past the user's bound the key is dropped, and `on_shed` is called
-        only once the user's pending keys are all done (a pass submitting what it held
-        back: asking for the next pass at once would only walk the same directory again
-        while the queue is still full)."""
+        False: past the user's bound, the key is shed (see the module's docstring)."""
         now = self._clock()
         delay = min(max(0.0, delay), MAX_DELAY)  # a user-set mtime in year 2500 included
-        shed: Hashable | None = None
         with self._cond:
             if self._stopping:
-                return
+                return False
             user = _user_of(key)
             u = self._users.get(user)
             if u is None:
@@ -152,17 +151,12 @@ class WorkQueue:
             e = self._entries.get(key)
             if e is None or not e.pending:
                 if u.pending >= self._max_pending:
-                    if shed_quietly:
-                        u.owed = True
-                    else:
-                        shed = user
-                    e = None
-                elif e is None:
+                    u.owed = True
+                    return False
+                if e is None:
                     e = self._entries[key] = _Entry()
-            if e is not None:
-                self._ask(u, user, key, e, now, delay, trigger)
-        if shed is not None and self._on_shed is not None:
-            self._on_shed(shed)
+            self._ask(u, user, key, e, now, delay, trigger)
+            return True
 
     def _ask(
         self,
@@ -200,6 +194,17 @@ class WorkQueue:
             if e is not None:
                 e.min_gap = min(max(0.0, seconds), MAX_DELAY)
 
+    def rest(self, user: Hashable, seconds: float) -> None:
+        """From inside the handler: none of `user`'s keys runs for `seconds` (their byte or
+        copy budget is spent). Without it a user with 10,000 keys due and an empty budget
+        would have each key opened, refused and queued again in turn, a busy loop of
+        system calls and GIL hand-overs that every other user's copies wait behind."""
+        with self._cond:
+            u = self._users.get(user)
+            if u is not None:
+                until = self._clock() + min(max(0.0, seconds), MAX_DELAY)
+                u.rest_until = max(u.rest_until, until)
+
     # --- state -----------------------------------------------------------------------------
 
     def alive(self) -> bool:
@@ -215,6 +220,12 @@ class WorkQueue:
         with self._cond:
             u = self._users.get(user)
             return 0 if u is None else u.pending
+
+    def full(self, user: Hashable) -> bool:
+        """The user's pending keys are at their bound: a key submitted now would be shed."""
+        with self._cond:
+            u = self._users.get(user)
+            return u is not None and u.pending >= self._max_pending
 
     def prune(self, older_than: float = 60.0) -> None:
         """Forget keys and users that have been idle a while (their spacing no longer
@@ -266,8 +277,8 @@ class WorkQueue:
             u = self._users.get(user)
             if u is None or u.running or u.ready or not u.heap:
                 continue
-            head = u.heap[0][0]
-            if head > now:  # stale timer item: the user's first key moved later
+            head = max(u.heap[0][0], u.rest_until)
+            if head > now:  # stale timer item: the user's first key moved later, or rests
                 heapq.heappush(self._timer, (head, next(self._seq), user))
                 continue
             u.ready = True
@@ -282,6 +293,9 @@ class WorkQueue:
                 continue
             u.ready = False
             if u.running:
+                continue
+            if u.rest_until > now:
+                heapq.heappush(self._timer, (u.rest_until, next(self._seq), user))
                 continue
             while u.heap:
                 due, _, key = u.heap[0]
@@ -374,5 +388,6 @@ class WorkQueue:
                 e.due = max(e.due, e.last_end + self._gap(e))
                 heapq.heappush(u.heap, (e.due, next(self._seq), key))
             if u.heap and not u.ready:
-                heapq.heappush(self._timer, (u.heap[0][0], next(self._seq), user))
+                due = max(u.heap[0][0], u.rest_until)
+                heapq.heappush(self._timer, (due, next(self._seq), user))
             self._cond.notify()

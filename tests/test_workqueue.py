@@ -185,39 +185,30 @@ def test_one_running_job_per_user(rec: Recorder) -> None:
         assert q.stop(5.0)
 
 
-def test_pending_work_is_bounded_per_user_and_every_shed_key_reported(rec: Recorder) -> None:
-    shed: list[Hashable] = []
-    q = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=10, on_shed=shed.append)
-    for i in range(1000):
-        q.submit(("flood", f"f{i}"))
-    q.submit(("victim", "v"))
-    assert q.pending("flood") == 10 and q.pending("victim") == 1
-    # Each: the pass the first one asks for may have listed the directory before the last.
-    assert shed == ["flood"] * 990
-    assert len(q) == 11  # memory follows the bound, not the 1,000 events
-
-
-def test_a_pass_resubmitting_what_it_held_back_sheds_quietly_until_the_queue_drains(
+def test_pending_work_is_bounded_per_user_and_a_pass_asked_for_once_it_drains(
     rec: Recorder,
 ) -> None:
-    """A pass's held-back copies go to the queue; past the bound they are dropped without
-    asking for a pass at once (it would walk the same directory again while the queue is
-    full), and the pass is asked for once the user's pending keys are done."""
+    """Past the bound keys are shed (memory follows the bound, not the 1,000 events), and
+    the pass that picks them up is asked for once the user's pending keys are taken: not
+    at each shed key (a pass storm for as long as the burst lasts), not at the first (it
+    may list the directory before the last key exists)."""
     shed: list[Hashable] = []
     q = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=10, on_shed=shed.append)
-    for i in range(100):
-        q.submit(("flood", f"f{i}"), shed_quietly=True)
-    assert q.pending("flood") == 10 and shed == []
+    taken = [q.submit(("flood", f"f{i}")) for i in range(1000)]
+    assert taken == [True] * 10 + [False] * 990
+    assert q.submit(("victim", "v"))
+    assert q.pending("flood") == 10 and q.pending("victim") == 1
+    assert len(q) == 11
+    assert shed == []  # not while the queue is full
     q.start()
     try:
         wait_for(lambda: shed == ["flood"], what="the pass asked for once the queue drained")
-        assert sum(rec.count(("flood", f"f{i}")) for i in range(100)) == 10
+        assert sum(rec.count(("flood", f"f{i}")) for i in range(1000)) == 10
+        wait_for(q.idle, what="idle")
+        assert shed == ["flood"]  # once per episode
+        assert q.submit(("flood", "later"))  # room again
     finally:
-        q.stop()
-    q2 = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=1, on_shed=shed.append)
-    q2.submit(("x", "a"))
-    q2.submit(("x", "b"))  # an event past the bound still asks for the pass at once
-    assert shed == ["flood", "x"]
+        assert q.stop(5.0)
 
 
 def test_extra_workers_replace_stuck_ones_and_go_again(rec: Recorder) -> None:
@@ -316,5 +307,34 @@ def test_gap_is_the_larger_of_min_gap_and_the_handlers_pace(rec: Recorder) -> No
         clock[0] += 0.2
         q.submit("other2")
         wait_for(lambda: rec.count("k") == 2, what="k after its pace")
+    finally:
+        assert q.stop(5.0)
+
+
+def test_a_resting_user_is_not_served_until_the_rest_is_over(rec: Recorder) -> None:
+    # A user whose copy budget is spent rests: their other due keys are not taken (each
+    # would be opened only to be refused), and the other users' keys go on.
+    clock = [100.0]
+    q: WorkQueue
+
+    def handler(key: Hashable, trigger: float | None) -> float | None:
+        if key == ("a", "1"):
+            q.rest("a", 0.5)
+        return rec(key, trigger)
+
+    q = WorkQueue(handler, workers=1, min_gap=0.0, clock=lambda: clock[0])
+    q.start()
+    try:
+        q.submit(("a", "1"))
+        wait_for(lambda: rec.count(("a", "1")) == 1, what="a/1")
+        q.submit(("a", "2"))
+        q.submit(("b", "1"))
+        wait_for(lambda: rec.count(("b", "1")) == 1, what="b/1 while a rests")
+        assert rec.count(("a", "2")) == 0
+        assert q.pending("a") == 1
+        clock[0] += 0.6
+        q.submit(("b", "2"))  # wakes the worker: a's rest is over
+        wait_for(lambda: rec.count(("a", "2")) == 1, what="a/2 after the rest")
+        wait_for(q.idle, what="idle")
     finally:
         assert q.stop(5.0)
