@@ -18,7 +18,7 @@ from .config import Config
 from .copy import Outcome, Result, SourceDir, quick_skip, sync_file
 from .homes import Home, Walk, list_homes, walk_user
 from .objstore import store_for_target
-from .ratelimit import LogLimiter
+from .ratelimit import SMALL_COPY, LogLimiter
 from .safefs import Refused, close_quietly, escape, open_dir_at, open_root_dir
 from .store import Store, UserStore, lookup_gid
 from .stuck import UserStuck
@@ -132,6 +132,7 @@ def reconcile(
     beat: Callable[[], None] | None = None,
     watches: DirWatches | None = None,
     admit: Callable[[str, int], float] | None = None,
+    held_full: Callable[[str], bool] | None = None,
 ) -> PassStats:
     """Run one full pass and return its counts. Never raises for a bad file or user.
 
@@ -146,7 +147,9 @@ def reconcile(
     guard: a user whose file system blocks is skipped, not waited for); `watches` is told
     of every directory below a sessions directory (`DirWatches`); `admit(user, nbytes)` is
     the user's byte budget (`ByteBudget.admit`): a copy it holds back is a SKIPPED result
-    with `recheck_at` (None: copies go at disk speed, as in a cold start).
+    with `recheck_at` (None: copies go at disk speed, as in a cold start); `held_full(user)`
+    says whoever takes those (`on_result`) can take no more of the user's: the user's walk
+    stops there, and the taker asks for another pass once it has room.
     """
     own_store = store is None
     if store is None:
@@ -166,6 +169,7 @@ def reconcile(
             beat,
             watches,
             admit,
+            held_full,
         )
     finally:
         if own_store:
@@ -186,6 +190,7 @@ def _reconcile(
     beat: Callable[[], None] | None,
     watches: DirWatches | None,
     admit: Callable[[str, int], float] | None,
+    held_full: Callable[[str], bool] | None,
 ) -> PassStats:
     if limiter is None:
         limiter = LogLimiter()
@@ -229,6 +234,7 @@ def _reconcile(
                 beat,
                 watches,
                 admit,
+                held_full,
             )
             visited: set[str] = set()
             for home in homes:
@@ -305,6 +311,7 @@ class _Pass:
     beat: Callable[[], None] | None
     watches: DirWatches | None
     admit: Callable[[str, int], float] | None
+    held_full: Callable[[str], bool] | None
 
 
 def _pass_home(ctx: _Pass, home_fd: int, home: Home, store_fd: int | None, now: float) -> bool:
@@ -380,8 +387,8 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
 
         def admit(nbytes: int) -> float:
             wait = budget(user, nbytes)
-            if wait > 0:
-                over.append(now + wait)
+            if wait > 0 and nbytes <= SMALL_COPY:
+                over.append(now + wait)  # copies spent: the next small one would wait too
             return wait
 
     user_store = store.user_store(store_fd, source.user)
@@ -433,7 +440,12 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
                 )
             else:
                 log.error("store directory of %s: %s", escape(source.user), e)
-        walk = Walk(config, limiter, now, stop=lambda: stop is not None and stop.is_set())
+        full = False  # the user's held-back files have nowhere to go: the walk ends
+
+        def walk_ends() -> bool:
+            return full or (stop is not None and stop.is_set())
+
+        walk = Walk(config, limiter, now, stop=walk_ends)
         token = watches.begin(source.user) if watches is not None else 0
         for visit in walk.visits(source):
             if beat is not None:
@@ -473,6 +485,16 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
                     continue
             except OSError:
                 pass  # sync_file meets it again, and says what it is
+            if over:
+                # Over budget: handed on here, not through the pool (a thread hand-over
+                # per file of 200,000 costs more than the walk), until the taker is full.
+                held = Result(Outcome.SKIPPED, recheck_at=over[0])
+                stats.record(held)
+                if on_result is not None:
+                    on_result(dir_source, name, held)
+                if ctx.held_full is not None and ctx.held_full(user):
+                    full = True
+                continue
             if pool is None:
                 sync(dir_source, name, st)
             else:
@@ -487,7 +509,7 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
                     pending = list(rest)
                 pending.append(pool.submit(sync, dir_source, name, st))
         if watches is not None:
-            complete = not (stop is not None and stop.is_set()) and walk.entries <= walk.user_limit
+            complete = not walk_ends() and walk.entries <= walk.user_limit
             watches.end(source.user, token, complete)
             if not dry_run:
                 # The service's nested store: its usage measured here, on the walker,

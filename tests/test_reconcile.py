@@ -565,3 +565,32 @@ def test_a_pass_given_a_byte_budget_copies_within_it_and_holds_back_the_rest(
     # Without a budget (a cold start) the pass copies the rest at once.
     rest = reconcile(tree.config())
     assert rest.files_copied == 30
+
+
+def test_a_pass_stops_walking_a_user_whose_held_back_files_have_nowhere_to_go(
+    tree: Tree,
+) -> None:
+    """Past the budget, each file is handed on (to the live queue) until `held_full` says
+    the taker is full: then the walk of that user ends (200,000 files renamed in cost a
+    walk as far as the queue's bound, not of the whole directory), and the others go on."""
+    tree.add_user("flood")
+    tree.add_user("quiet")
+    for i in range(200):
+        tree.write("flood", f"f{i:03d}.jsonl", LINE)
+    tree.write("quiet", "q.jsonl", LINE)
+    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10)
+    held: list[str] = []
+
+    def on_result(source: SourceDir, name: str, result: Result) -> None:
+        if result.outcome is Outcome.SKIPPED and source.user == "flood":
+            held.append(name)
+
+    stats = reconcile(
+        tree.config(workers=1),
+        admit=budget.admit,
+        on_result=on_result,
+        held_full=lambda user: user == "flood" and len(held) >= 25,
+    )
+    assert stats.files_copied == 11  # flood's burst of 10, quiet's one
+    assert len(held) == 25  # handed on up to the bound, then the walk of flood ended
+    assert "quiet/q.jsonl" in stored_tree(tree)
