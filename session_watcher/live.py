@@ -209,12 +209,12 @@ class LiveCopier:
             close_quietly(home_fd)
 
     def _admit(self, user: str, nbytes: int) -> float:
-        """The user's budget for one copy. A small copy told "later" means the user's copies
-        per second are spent: the queue rests the user that long, so their other due keys
-        are not opened only to be refused. A big copy may wait on bytes alone, which must
-        not hold back the user's small transcripts: only that key waits."""
+        """The user's budget for one copy. Told "later" because the user's copies per
+        second are spent, the queue rests the user that long, so their other due keys are
+        not opened only to be refused. A big copy may wait on bytes alone, which must not
+        hold back the user's small transcripts: then only that key waits."""
         wait = self.budget.admit(user, nbytes)
-        if wait > 0 and nbytes <= SMALL_COPY:
+        if wait > 0 and (nbytes <= SMALL_COPY or self.budget.spent(user)):
             self.queue.rest(user, wait)
         return wait
 

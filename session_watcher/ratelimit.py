@@ -171,6 +171,15 @@ class ByteBudget:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
 
+    def spent(self, user: str) -> bool:
+        """The user's copies per second are spent: any copy of theirs would wait."""
+        if self.copies <= 0:
+            return False
+        now = self._clock()
+        with self._lock:
+            pair = self._buckets.get(user)
+            return pair is not None and pair[1].wait_for(1.0, now) > 0
+
     def admit(self, user: str, nbytes: int) -> float:
         """0.0: write `nbytes` now (charged). Otherwise the seconds to wait (not charged).
         A rate of 0 (bytes or copies) is no limit on that."""

@@ -147,9 +147,9 @@ def reconcile(
     guard: a user whose file system blocks is skipped, not waited for); `watches` is told
     of every directory below a sessions directory (`DirWatches`); `admit(user, nbytes)` is
     the user's byte budget (`ByteBudget.admit`): a copy it holds back is a SKIPPED result
-    with `recheck_at` (None: copies go at disk speed, as in a cold start); `held_full(user)`
-    says whoever takes those (`on_result`) can take no more of the user's: the user's walk
-    stops there, and the taker asks for another pass once it has room.
+    with `recheck_at` (None: copies go at disk speed, as `session-watcher reconcile` does);
+    `held_full(user)` says whoever takes those (`on_result`) can take no more of the
+    user's: the user's walk stops there, and the taker owes the user another pass.
     """
     own_store = store is None
     if store is None:

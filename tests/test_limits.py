@@ -80,6 +80,10 @@ def test_copies_a_second_are_bounded_per_user_but_a_real_session_never_waits() -
     assert all(b.admit("mallory", 10) == 0.0 for _ in range(1000))  # the burst
     assert b.admit("mallory", 10) == pytest.approx(0.01)  # then 100 a second
     assert b.admit("alice", 300) == 0.0  # nobody else waits
+    # `spent`: every copy of mallory's would wait now (the queue rests them), not alice's.
+    assert b.spent("mallory") and not b.spent("alice") and not b.spent("nobody")
+    clock.t += 0.02
+    assert not b.spent("mallory")
 
 
 def test_byte_budget_zero_is_unlimited() -> None:

@@ -11,12 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import IS_ROOT, STATS_KEYS, TEST_GID, Tree, log_lines, root_only, snapshot
+from helpers import (
+    IS_ROOT,
+    STATS_KEYS,
+    TEST_GID,
+    Tree,
+    log_lines,
+    root_only,
+    snapshot,
+    wait_for,
+)
 
 from session_watcher import Config, PassStats, reconcile
 from session_watcher.copy import Outcome, Result, SourceDir
 from session_watcher.ratelimit import ByteBudget
 from session_watcher.store import ORPHAN_TEMP_SECONDS, TEMP_PREFIX
+from session_watcher.workqueue import WorkQueue
 
 LINE = b'{"type":"user","message":"hi"}\n'
 
@@ -570,27 +580,33 @@ def test_a_pass_given_a_byte_budget_copies_within_it_and_holds_back_the_rest(
 def test_a_pass_stops_walking_a_user_whose_held_back_files_have_nowhere_to_go(
     tree: Tree,
 ) -> None:
-    """Past the budget, each file is handed on (to the live queue) until `held_full` says
-    the taker is full: then the walk of that user ends (200,000 files renamed in cost a
-    walk as far as the queue's bound, not of the whole directory), and the others go on."""
+    """Past the budget, each file is handed to the live queue until it is full for that
+    user: then the walk of that user ends (200,000 files renamed in cost a walk as far as
+    the queue's bound, not of the whole directory), the others go on, and the queue owes
+    the user a pass once it has taken what it holds."""
     tree.add_user("flood")
     tree.add_user("quiet")
     for i in range(200):
         tree.write("flood", f"f{i:03d}.jsonl", LINE)
     tree.write("quiet", "q.jsonl", LINE)
-    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10)
-    held: list[str] = []
+    clock = [1000.0]
+    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10, clock=lambda: clock[0])
+    owed: list[object] = []
+    queue = WorkQueue(lambda key, trigger: None, max_pending_per_user=25, on_shed=owed.append)
 
     def on_result(source: SourceDir, name: str, result: Result) -> None:
-        if result.outcome is Outcome.SKIPPED and source.user == "flood":
-            held.append(name)
+        if result.outcome is Outcome.SKIPPED:
+            queue.submit((source.user, name))
 
     stats = reconcile(
-        tree.config(workers=1),
-        admit=budget.admit,
-        on_result=on_result,
-        held_full=lambda user: user == "flood" and len(held) >= 25,
+        tree.config(workers=1), admit=budget.admit, on_result=on_result, held_full=queue.owe
     )
     assert stats.files_copied == 11  # flood's burst of 10, quiet's one
-    assert len(held) == 25  # handed on up to the bound, then the walk of flood ended
+    assert queue.pending("flood") == 25  # handed on up to the bound; then the walk ended
     assert "quiet/q.jsonl" in stored_tree(tree)
+    assert not queue.submit(("flood", "late"))  # owed: shed until the queue has drained
+    queue.start()
+    try:
+        wait_for(lambda: owed == ["flood"], what="the pass owed once the queue drained")
+    finally:
+        assert queue.stop(5.0)

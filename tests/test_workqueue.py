@@ -338,3 +338,24 @@ def test_a_resting_user_is_not_served_until_the_rest_is_over(rec: Recorder) -> N
         wait_for(q.idle, what="idle")
     finally:
         assert q.stop(5.0)
+
+
+def test_owe_stops_a_caller_at_the_bound_and_the_pass_follows_the_drain(rec: Recorder) -> None:
+    # A pass handing on held-back files: accepted up to the bound; `owe` then tells it to
+    # stop and makes the queue owe the rest a pass, even though no key was shed.
+    shed: list[Hashable] = []
+    q = WorkQueue(rec, workers=1, min_gap=0.0, max_pending_per_user=3, on_shed=shed.append)
+    assert not q.owe("flood")  # nothing queued: go on
+    assert all(q.submit(("flood", f"f{i}")) for i in range(3))
+    assert q.owe("flood")
+    assert not q.submit(("flood", "new"))  # owed: shed until the pending ones are taken
+    assert not q.owe("other")
+    q.start()
+    try:
+        wait_for(lambda: shed == ["flood"], what="the owed pass")
+        wait_for(q.idle, what="idle")
+        assert rec.count(("flood", "new")) == 0
+        assert q.submit(("flood", "new"))  # room again
+        wait_for(lambda: rec.count(("flood", "new")) == 1, what="served after the drain")
+    finally:
+        assert q.stop(5.0)
