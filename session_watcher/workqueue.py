@@ -15,10 +15,11 @@ user whose file system blocks holds one worker (which the service replaces: `add
 and a user whose budget is spent rests (`rest`): none of their keys is taken until then.
 Pending keys are bounded per user; past the bound new keys are shed (and every new key of
 that user after them, until the pending ones are taken), and `on_shed(user)` is called once
-they are (the service answers with a pass over that user: nothing is lost). Not at the shed itself: a pass then would walk the directory while the
-queue is still full, and, asked for at the first shed key of a burst, may list it before the
-later ones exist (20,000 files renamed in, 182 never copied); asked for at every shed key, it
-runs back to back for as long as the burst lasts (a pass storm every other user waits on).
+they are (the service answers with a pass over that user: nothing is lost). Not at the shed
+itself: a pass then would walk the directory while the queue is still full, and, asked for
+at the first shed key of a burst, may list it before the later ones exist (20,000 files
+renamed in, 182 never copied); asked for at every shed key, it runs back to back for as
+long as the burst lasts (a pass storm every other user waits on).
 """
 
 from __future__ import annotations
