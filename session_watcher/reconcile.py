@@ -397,16 +397,21 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
     skipped = 0
     pending: list[Future[None]] = []
 
+    def report(dir_source: SourceDir, name: str, result: Result) -> None:
+        stats.record(result)
+        if on_result is not None:
+            on_result(dir_source, name, result)
+
+    def hand_on(dir_source: SourceDir, name: str) -> None:
+        # Over budget: the live queue copies it at the user's pace. Not even opened here,
+        # so a pass over 200,000 changed files of one user stays a cheap walk.
+        report(dir_source, name, Result(Outcome.SKIPPED, recheck_at=over[0]))
+
     def sync(dir_source: SourceDir, name: str, st: os.stat_result) -> None:
         if stop is not None and stop.is_set():
             return  # queued on the pool before the stop: left for the next pass
-        if over:
-            # Over budget: the live queue copies it at the user's pace. Not even opened
-            # here, so a pass over 200,000 changed files of one user stays a cheap walk.
-            result = Result(Outcome.SKIPPED, recheck_at=over[0])
-            stats.record(result)
-            if on_result is not None:
-                on_result(dir_source, name, result)
+        if over:  # set after this file was queued on the pool
+            hand_on(dir_source, name)
             return
         result = sync_file(
             config,
@@ -419,9 +424,7 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
             limiter=limiter,
             admit=admit,
         )
-        stats.record(result)
-        if on_result is not None:
-            on_result(dir_source, name, result)
+        report(dir_source, name, result)
 
     try:
         try:
@@ -474,10 +477,11 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
             dir_source = visit.source
             name = entry.name
             if unusable is not None:
-                result = Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno)
-                stats.record(result)
-                if on_result is not None:
-                    on_result(dir_source, name, result)
+                report(
+                    dir_source,
+                    name,
+                    Result(Outcome.FAILED, detail=str(unusable), errno=unusable.errno),
+                )
                 continue
             try:
                 if quick_skip(config, dir_source, user_store, name, st):
@@ -486,12 +490,9 @@ def _pass_user(ctx: _Pass, store_fd: int | None, source: SourceDir, now: float) 
             except OSError:
                 pass  # sync_file meets it again, and says what it is
             if over:
-                # Over budget: handed on here, not through the pool (a thread hand-over
-                # per file of 200,000 costs more than the walk), until the taker is full.
-                held = Result(Outcome.SKIPPED, recheck_at=over[0])
-                stats.record(held)
-                if on_result is not None:
-                    on_result(dir_source, name, held)
+                # Handed on here, not through the pool (a thread hand-over per file of
+                # 200,000 costs more than the walk), until the taker is full.
+                hand_on(dir_source, name)
                 if ctx.held_full is not None and ctx.held_full(user):
                     full = True
                 continue
