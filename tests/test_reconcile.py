@@ -545,19 +545,24 @@ def test_a_store_side_stat_error_fails_that_file_alone(
     assert "gone" in swept  # the pass went on to its sweep of the other store directories
 
 
+def _flood_beside_quiet(tree: Tree, files: int) -> ByteBudget:
+    """User "flood" with `files` transcripts to copy, "quiet" with one; a budget of 10
+    copies (then 1 a second) on a clock that does not move."""
+    tree.add_user("flood")
+    tree.add_user("quiet")
+    for i in range(files):
+        tree.write("flood", f"f{i:03d}.jsonl", LINE)
+    tree.write("quiet", "q.jsonl", LINE)
+    return ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10, clock=lambda: 1000.0)
+
+
 def test_a_pass_given_a_byte_budget_copies_within_it_and_holds_back_the_rest(
     tree: Tree,
 ) -> None:
-    """The service's passes after the first share each user's live budget: a user who
-    renamed in thousands of files gets their copies paced, not a pass at disk speed; the
-    rest come back SKIPPED with a time to look again, and other users are not held."""
-    tree.add_user("flood")
-    tree.add_user("quiet")
-    for i in range(40):
-        tree.write("flood", f"f{i:02d}.jsonl", LINE)
-    tree.write("quiet", "q.jsonl", LINE)
-    clock = [1000.0]
-    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10, clock=lambda: clock[0])
+    """The service's passes share each user's live budget: a user who renamed in
+    thousands of files gets their copies paced, not a pass at disk speed; the rest come
+    back SKIPPED with a time to look again, and other users are not held."""
+    budget = _flood_beside_quiet(tree, 40)
     held: list[tuple[str, float]] = []
 
     def on_result(source: SourceDir, name: str, result: Result) -> None:
@@ -584,13 +589,7 @@ def test_a_pass_stops_walking_a_user_whose_held_back_files_have_nowhere_to_go(
     user: then the walk of that user ends (200,000 files renamed in cost a walk as far as
     the queue's bound, not of the whole directory), the others go on, and the queue owes
     the user a pass once it has taken what it holds."""
-    tree.add_user("flood")
-    tree.add_user("quiet")
-    for i in range(200):
-        tree.write("flood", f"f{i:03d}.jsonl", LINE)
-    tree.write("quiet", "q.jsonl", LINE)
-    clock = [1000.0]
-    budget = ByteBudget(rate=1e6, burst=16e6, copies=1.0, copies_burst=10, clock=lambda: clock[0])
+    budget = _flood_beside_quiet(tree, 200)
     owed: list[object] = []
     queue = WorkQueue(lambda key, trigger: None, max_pending_per_user=25, on_shed=owed.append)
 
