@@ -84,6 +84,21 @@ class RootWatch:
     cid: CallbackId
 
 
+class _InotifyFD(InotifyFD):
+    """watchdog's instance, read and dispatched on its one thread, as in watchdog 7.1.0.
+
+    From 7.1.1 on, `InotifyFD.run` reads into an unbounded in-process queue that a second
+    thread dispatches from, so that bursts do not overflow the kernel queue. Here the
+    kernel queue must stay the only buffer: one user's close flood would otherwise grow
+    the service's memory without bound (270,000 closes/s outrun any dispatch), where an
+    overflow costs a bounded repair pass over the users sharing the instance."""
+
+    def run(self) -> None:
+        while self.should_keep_running() and not self._closed:
+            for event in self.read_events():
+                self.handle_event(event)
+
+
 class _Reader:
     """One inotify instance and its thread; the `WatchCallback` for all of its watches (one
     object per instance, so watchdog calls `on_queue_overflow` once per overflow, not once
@@ -101,7 +116,7 @@ class _Reader:
         `max_user_instances`) or RuntimeError (`can't start new thread`, TasksMax)."""
         if self.fd is not None:
             return self.fd
-        fd = InotifyFD()
+        fd = _InotifyFD()
         fd.name = f"inotify-{self.name}"
         try:
             fd.start()
@@ -127,6 +142,10 @@ class _Reader:
 
     def on_queue_overflow(self) -> None:
         self._w._guard(self._w._on_queue_overflow, self)
+
+    def on_events_lost(self) -> None:
+        """watchdog 7.1.1 calls this after `on_queue_overflow` (7.1.0 does not): the repair
+        is already asked for there, once, for this instance's users."""
 
 
 class Watcher:

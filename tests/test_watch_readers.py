@@ -154,7 +154,9 @@ def two_users_on_two_readers(tree: Tree) -> tuple[User, User]:
 def test_overflow_names_only_the_users_sharing_the_queue(tree: Tree) -> None:
     """Issue 14: each reader is its own inotify instance (its own kernel queue), so one
     user's flood overflows their queue only; the others' events still arrive, and the
-    repair asked for covers the users of that queue, not everyone."""
+    repair asked for covers the users of that queue, not everyone. The overflow also shows
+    that the kernel queue is the only buffer: watchdog 7.1.1's own `run` reads on into an
+    unbounded queue while the dispatch is held, so nothing overflows and memory grows."""
     noisy, quiet = two_users_on_two_readers(tree)
     release = threading.Event()
     calls = Calls()
