@@ -65,6 +65,37 @@ while time.monotonic() < end:
 """
 
 
+# The floor under a baseline row: no service; the victim's own loop copies each append
+# durably itself right after its close, as any durable copier must (read, temp file, write,
+# fsync, rename, fsync the directory), into a directory on the store's file system. What is
+# left of the service's latency above it is the service's; what is in it is the disk's.
+FLOOR = r"""
+import json, os, sys, time
+src, store, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+dfd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+end = time.monotonic() + seconds
+lat, i = [], 0
+while time.monotonic() < end:
+    fd = os.open(src, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, b'{"i":%08d,"t":"%s"}\n' % (i, b"x" * 180))
+    os.close(fd)
+    t0 = time.monotonic()
+    i += 1
+    fd = os.open(src, os.O_RDONLY)
+    data = os.read(fd, 1 << 24)
+    os.close(fd)
+    out = os.open(".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=dfd)
+    os.write(out, data)
+    os.fsync(out)
+    os.close(out)
+    os.rename(".tmp", "victim.jsonl", src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.fsync(dfd)
+    lat.append((time.monotonic() - t0) * 1000)
+    time.sleep(0.1)
+print(json.dumps({"appends": i, "latency_ms": lat}))
+"""
+
+
 # What the noisy-neighbour section of bench/results.md says about how it measures.
 ABOUT = [
     "A real `session-watcher run` per row, on a fresh tree with two users: a victim appending "
@@ -81,7 +112,10 @@ ABOUT = [
     "tiny files renamed in), closes (C: open+close of 16 files in a loop), rewrite (4 x "
     "200 MB rewritten in a loop), shrink (truncate + rewrite in a loop), swap (`~/user` "
     "replaced by a symlink and back while files are closed under it); diskwriter is no "
-    "abuser but root writing 64 MB + fsync in a loop outside the home root.",
+    "abuser but root writing 64 MB + fsync in a loop outside the home root. Each baseline "
+    "(none, diskwriter) has a peer beside it (run: floor): no service; the victim's own "
+    "loop copies each append durably right after its close (read, temp file, fsync, rename, "
+    "fsync the directory) on the same store, the least any durable copier takes there.",
 ]
 
 # The issue's targets. Budget: --user-write-mb-s' default with its 16 s burst.
@@ -93,7 +127,7 @@ BUDGET_MB_S, BUDGET_BURST_S = 32.0, 16.0
 class Result:
     store: str
     abuse: str
-    mode: str  # abuse | control
+    mode: str  # abuse | control | floor
     seconds: float
     p50: float
     p99: float
@@ -107,10 +141,14 @@ class Result:
     verdict: str = ""
 
     def row(self) -> str:
+        service = (  # a floor row ran no service: it has no RSS, writes or log of its own
+            "n/a | n/a | n/a | n/a"
+            if self.mode == "floor"
+            else f"{self.rss_mb:.0f} | {self.abuser_mb:.0f} | {self.lines} | {self.overflows}"
+        )
         return (
             f"| {self.store} | {self.abuse} | {self.mode} | {self.p50:.1f} / {self.p99:.1f} / "
-            f"{self.worst:.1f} | {self.landed} | {self.rss_mb:.0f} | {self.abuser_mb:.0f} "
-            f"| {self.lines} | {self.overflows} | {self.target} | {self.verdict} |"
+            f"{self.worst:.1f} | {self.landed} | {service} | {self.target} | {self.verdict} |"
         )
 
 
@@ -128,7 +166,7 @@ def judge(results: list[Result]) -> None:
     directory)."""
     controls = {(r.store, r.abuse): r for r in results if r.mode == "control"}
     for r in results:
-        if r.mode == "control":
+        if r.mode in ("control", "floor"):
             continue
         checks: list[tuple[str, bool]] = []
         if r.abuse in ("none", "diskwriter"):
@@ -260,6 +298,53 @@ def run_one(
     finally:
         if keep is not None and (base / "service.log").exists():
             shutil.copy(base / "service.log", keep / f"{store}-{abuse}-{mode}.log")
+        if mounted:
+            subprocess.run(["umount", "-l", str(target)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_floor(abuse: str, seconds: float, store: str, work: Path) -> Result:
+    """A baseline's peer: FLOOR on the same kind of store, under the same disk writer."""
+    base = Path(tempfile.mkdtemp(prefix=f"noisy-{abuse}-floor-", dir=work))
+    target = base / "store"
+    target.mkdir()
+    mounted, writer = False, None
+    try:
+        if store == "tmpfs":
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+            mounted = True
+        if abuse == "diskwriter":
+            out = base / "diskwriter.out"
+            argv = [sys.executable, "-c", DISKWRITER, str(out), str(seconds + 2)]
+            writer = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+            time.sleep(0.5)  # the writer is under way, as in run_one
+        src = base / "victim.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-c", FLOOR, str(src), str(target), str(seconds)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=True,
+        )
+        out = json.loads(done.stdout)
+        lat = [float(v) for v in out["latency_ms"]]
+        landed = (target / "victim.jsonl").stat().st_size == src.stat().st_size
+        return Result(
+            store,
+            abuse,
+            "floor",
+            seconds,
+            pct(lat, 0.5),
+            pct(lat, 0.99),
+            max(lat) if lat else float("nan"),
+            f"{out['appends']} ({'all' if landed else 'not all'})",
+            0.0,
+            0.0,
+            0,
+            0,
+        )
+    finally:
+        if writer is not None:
+            writer.wait()
         if mounted:
             subprocess.run(["umount", "-l", str(target)], check=False)
         shutil.rmtree(base, ignore_errors=True)
@@ -397,9 +482,12 @@ def scenario(
             for abuse in abuses:
                 if abuse == "diskwriter" and store != "disk":
                     continue  # a background disk writer is the disk store's baseline
-                modes = ("abuse",) if abuse in ("none", "diskwriter") else ("abuse", "control")
-                for mode in modes:
+                baseline = abuse in ("none", "diskwriter")
+                for mode in ("abuse", "floor") if baseline else ("abuse", "control"):
                     say(f"noisy: {store} store, {abuse} / {mode}")
+                    if mode == "floor":
+                        results.append(run_floor(abuse, seconds, store, work))
+                        continue
                     results.append(
                         run_one(abuse, mode, seconds, scale, store, work, closer, group, keep)
                     )
