@@ -181,8 +181,9 @@ def judge(results: list[Result]) -> None:
                 checks.append(("p99 ≤ 100 ms", r.p99 <= 100))
             budget = BUDGET_MB_S * (r.seconds + BUDGET_BURST_S)
             checks.append((f"written ≤ {budget:.0f} MB", r.abuser_mb <= budget))
-            if r.abuse == "burst":
-                checks.append(("RSS ≤ 150 MB", r.rss_mb <= 150))
+            # The issue names it for the burst; every abuse is held to it, since a close
+            # flood grew the service to 522 MB in 30 s on watchdog 7.1.1's own reader.
+            checks.append(("RSS ≤ 150 MB", r.rss_mb <= 150))
         checks.append((f"lines ≤ {LINES_MAX}", r.lines <= LINES_MAX))
         checks.append(("all landed", r.landed.endswith("(all)")))
         r.target = "; ".join(what for what, _ in checks)
