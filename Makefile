@@ -51,7 +51,7 @@ demo: $(STAMP)  ## a sandbox without root: two users, a live session, copies lan
 	$(BIN)/python demo/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-min .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 # --- make install / make uninstall (as root) ------------------------------------------
 # The service gets its own venv (not .venv, which is the developers' editable one), the

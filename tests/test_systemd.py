@@ -107,7 +107,7 @@ def copy_checkout(dest: Path) -> None:
         dest,
         symlinks=True,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".*_cache", "out"
+            ".git", ".venv*", "__pycache__", "*.egg-info", "build", "dist", ".*_cache", "out"
         ),
     )
 
