@@ -16,6 +16,7 @@ from helpers import Tree, root_only, run_cli, wait_for
 from session_watcher import Config
 from session_watcher.copy import Outcome, Refusal, SourceDir, refusal, sync_file
 from session_watcher.homes import Home, HomeRefused, open_sessions_dir
+from session_watcher.live import LiveCopier, Wiring
 from session_watcher.passes import OVERFLOW_SPACING, Walker, WalkerJobs
 from session_watcher.ratelimit import ByteBudget, LogLimiter
 from session_watcher.reconcile import reconcile
@@ -84,6 +85,38 @@ def test_copies_a_second_are_bounded_per_user_but_a_real_session_never_waits() -
     assert b.spent("mallory") and not b.spent("alice") and not b.spent("nobody")
     clock.t += 0.02
     assert not b.spent("mallory")
+
+
+def test_live_admit_rests_the_user_on_spent_copies_never_for_one_big_copy(tree: Tree) -> None:
+    """LiveCopier._admit: refused for the user's copies per second, the queue rests the user
+    (their other keys are not opened only to be refused); a big copy refused on bytes alone
+    waits by itself, and the user's small transcripts go on at once."""
+    clock = Clock()
+    cfg = tree.config(user_write_mb_s=1.0, user_copies_s=1.0)  # 16 MB and 10 copies of burst
+    live = LiveCopier(
+        cfg,
+        Wiring(store=lambda: pytest.fail("no copy runs here"), count=lambda _result: None),
+        StuckGuard(5.0, clock=clock),
+        LogLimiter(clock=clock),
+        clock=clock,
+    )
+    live.submit("mallory", "a.jsonl", None, 0.0)  # the user has a key waiting
+    user = live.queue._users["mallory"]
+
+    def resting() -> bool:
+        return user.rest_until > clock()
+
+    assert live._admit("mallory", 16_000_000) == 0.0  # the byte burst, charged
+    assert live._admit("mallory", 8 << 20) > 0  # a big copy: bytes spent, copies not
+    assert not resting()
+    assert live._admit("mallory", 4096) == 0.0  # a small transcript still goes
+    while live._admit("mallory", 4096) == 0.0:  # until the copies per second are spent
+        pass
+    assert resting()
+    wait = user.rest_until - clock()
+    assert 0 < wait <= 1.0  # one copy's worth at 1 a second
+    clock.t += wait
+    assert not resting() and live._admit("mallory", 4096) == 0.0
 
 
 def test_byte_budget_zero_is_unlimited() -> None:
