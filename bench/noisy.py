@@ -15,6 +15,7 @@ temp trees (removed at the end).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,28 @@ def mkuser(home_root: Path, name: str, uid: int) -> Path:
     return home
 
 
+@contextlib.contextmanager
+def store_on(target: Path, store: str) -> Iterator[None]:
+    """The store directory `target`: a tmpfs mounted on it for the tmpfs store, unmounted
+    after; the disk store is the directory itself, on the trees' file system."""
+    if store != "tmpfs":
+        yield
+        return
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6g,mode=0755", "tmpfs", str(target)], check=True
+    )
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def start_diskwriter(out: Path, seconds: float, **popen: Any) -> subprocess.Popen[bytes]:
+    """Root writing 64 MB + fsync to `out` in a loop for `seconds` (+2): a busy disk."""
+    argv = [sys.executable, "-c", DISKWRITER, str(out), str(seconds + 2)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, **popen)
+
+
 def run_one(
     abuse: str,
     mode: str,
@@ -256,66 +279,60 @@ def run_one(
     home_root.mkdir(mode=0o755)
     target = base / "store"
     target.mkdir()
-    mounted = False
     try:
-        if store == "tmpfs":
-            subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=6g,mode=0755", "tmpfs", str(target)],
-                check=True,
-            )
-            mounted = True
-        victim = mkuser(home_root, "victim", VICTIM_UID)
-        abuser = mkuser(home_root, "abuser", ABUSER_UID)
-        log_path = base / "service.log"
-        with log_path.open("wb") as log_file:
-            svc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "session_watcher",
-                    "run",
-                    "--home-root",
-                    str(home_root),
-                    "--target",
-                    str(target),
-                    "--settle",
-                    "0",
-                    "--reconcile-interval",
-                    "0",
-                    "--group",
-                    group,
-                    "--log-format",
-                    "json",
-                    "--state-file",
-                    str(base / "state.json"),
-                    # Every copy's latency (at INFO a user's copies are one line a minute).
-                    "--log-level",
-                    "DEBUG",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                env={k: v for k, v in os.environ.items() if not k.startswith("SESSION_WATCHER_")},
-            )
-            try:
-                r = _measure(
-                    abuse, mode, seconds, scale, svc, log_path, victim, abuser, target, closer
+        with store_on(target, store):
+            victim = mkuser(home_root, "victim", VICTIM_UID)
+            abuser = mkuser(home_root, "abuser", ABUSER_UID)
+            log_path = base / "service.log"
+            with log_path.open("wb") as log_file:
+                svc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "session_watcher",
+                        "run",
+                        "--home-root",
+                        str(home_root),
+                        "--target",
+                        str(target),
+                        "--settle",
+                        "0",
+                        "--reconcile-interval",
+                        "0",
+                        "--group",
+                        group,
+                        "--log-format",
+                        "json",
+                        "--state-file",
+                        str(base / "state.json"),
+                        # Every copy's latency (at INFO a user's copies are one line a minute).
+                        "--log-level",
+                        "DEBUG",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    env={
+                        k: v for k, v in os.environ.items() if not k.startswith("SESSION_WATCHER_")
+                    },
                 )
-                r.store = store
-                return r
-            finally:
-                if svc.poll() is None:
-                    svc.send_signal(signal.SIGTERM)
-                    try:
-                        svc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        svc.kill()
-                        svc.wait()
+                try:
+                    r = _measure(
+                        abuse, mode, seconds, scale, svc, log_path, victim, abuser, target, closer
+                    )
+                    r.store = store
+                    return r
+                finally:
+                    if svc.poll() is None:
+                        svc.send_signal(signal.SIGTERM)
+                        try:
+                            svc.wait(30)
+                        except subprocess.TimeoutExpired:
+                            svc.kill()
+                            svc.wait()
     finally:
         if keep is not None and (base / "service.log").exists():
             shutil.copy(base / "service.log", keep / f"{store}-{abuse}-{mode}.log")
-        if mounted:
-            subprocess.run(["umount", "-l", str(target)], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -324,45 +341,39 @@ def run_direct(abuse: str, seconds: float, store: str, work: Path) -> Result:
     base = Path(tempfile.mkdtemp(prefix=f"noisy-{abuse}-direct-", dir=work))
     target = base / "store"
     target.mkdir()
-    mounted, writer = False, None
+    writer = None
     try:
-        if store == "tmpfs":
-            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
-            mounted = True
-        if abuse == "diskwriter":
-            out = base / "diskwriter.out"
-            argv = [sys.executable, "-c", DISKWRITER, str(out), str(seconds + 2)]
-            writer = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-            time.sleep(0.5)  # the writer is under way, as in run_one
-        src = base / "victim.jsonl"
-        done = subprocess.run(
-            [sys.executable, "-c", DIRECT, str(src), str(target), str(seconds)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=True,
-        )
-        out = json.loads(done.stdout)
-        lat = [float(v) for v in out["latency_ms"]]
-        landed = (target / "victim.jsonl").stat().st_size == src.stat().st_size
-        return Result(
-            store,
-            abuse,
-            "direct",
-            seconds,
-            pct(lat, 0.5),
-            pct(lat, 0.99),
-            max(lat) if lat else float("nan"),
-            f"{out['appends']} ({'all' if landed else 'not all'})",
-            0.0,
-            0.0,
-            0,
-            0,
-        )
+        with store_on(target, store):
+            if abuse == "diskwriter":
+                writer = start_diskwriter(base / "diskwriter.out", seconds)
+                time.sleep(0.5)  # the writer is under way, as in run_one
+            src = base / "victim.jsonl"
+            done = subprocess.run(
+                [sys.executable, "-c", DIRECT, str(src), str(target), str(seconds)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=True,
+            )
+            out = json.loads(done.stdout)
+            lat = [float(v) for v in out["latency_ms"]]
+            landed = (target / "victim.jsonl").stat().st_size == src.stat().st_size
+            return Result(
+                store,
+                abuse,
+                "direct",
+                seconds,
+                pct(lat, 0.5),
+                pct(lat, 0.99),
+                max(lat) if lat else float("nan"),
+                f"{out['appends']} ({'all' if landed else 'not all'})",
+                0.0,
+                0.0,
+                0,
+                0,
+            )
     finally:
         if writer is not None:
             writer.wait()
-        if mounted:
-            subprocess.run(["umount", "-l", str(target)], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -428,8 +439,7 @@ def _measure(
     bad: subprocess.Popen[bytes] | None = None
     if abuse == "diskwriter":  # root, outside the home root: the disk is busy, nobody abuses
         out = abuser.parent.parent / "diskwriter.out"
-        argv = [sys.executable, "-c", DISKWRITER, str(out), str(seconds + 2)]
-        bad = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        bad = start_diskwriter(out, seconds, stderr=subprocess.PIPE)
     elif abuse != "none":
         extra = ["wait"] if abuse == "burst" else []
         bad = abuse_mod.start(
